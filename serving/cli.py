@@ -121,6 +121,7 @@ class Context:
     overrides: list[str] = field(default_factory=list)  # the user's Hydra overrides
     output_dir: Path | None = None  # Hydra's run/trial directory
     multirun: bool = False
+    all_experts: bool = False  # `expert=all`: act on every configured expert in turn
 
 
 def _print_overview() -> None:

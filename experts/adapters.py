@@ -1,0 +1,223 @@
+"""The expert pool: one base model, every expert's LoRA adapter beside it (peft multi-adapter).
+
+A forward pass takes one adapter name per row, so requests for different experts share one batch
+(LoRAX / vLLM multi-LoRA style). A posterior-weighted mixture of experts expands each request into
+one row per expert and mixes their next-token distributions: log sum_k w_k p_k(x), as
+Branch-Train-Merge ensembles do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experts.base_model import load_base_model, load_tokenizer, pick_device, pick_dtype
+from experts.errors import ArtifactError, UnknownExpertError
+from experts.schema import AppConfig, ExpertSpec, PathsSpec
+
+log = logging.getLogger(__name__)
+BASE = "base"  # API name of the bare base model
+_PEFT_BASE = "__base__"  # peft's name for "no adapter" inside a mixed batch
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_dir(spec: ExpertSpec, paths: PathsSpec) -> Path:
+    """Where an expert's adapter lives: its registered `adapter_path`, else artifacts/experts/<slug>."""
+    return Path(spec.adapter_path).expanduser() if spec.adapter_path else paths.expert_dir(spec.name)
+
+
+def check_adapter(name: str, directory: Path) -> Path:
+    """Refuse anything but a complete safetensors PEFT adapter, naming the expert and the file."""
+    for file in ADAPTER_FILES:
+        if not (directory / file).is_file():
+            extra = (
+                " (pickled .bin adapters are refused: save with safetensors)"
+                if (directory / "adapter_model.bin").exists()
+                else ""
+            )
+            raise ArtifactError(
+                f"expert {name!r}: missing {directory / file}{extra}; "
+                f"run `moe train expert={name}` or fix expert.adapter_path"
+            )
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"expert {name!r}: corrupt {directory / 'adapter_config.json'}: {exc}") from exc
+    if config.get("peft_type") != "LORA":
+        raise ArtifactError(
+            f"expert {name!r}: {directory} holds a {config.get('peft_type')!r} adapter; "
+            "only LoRA adapters are served"
+        )
+    return directory
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Requests expanded into one row per (request, expert) component of a mixture."""
+
+    owner: list[int]  # index of the request each row belongs to
+    adapters: list[str]  # peft adapter name of each row
+    log_weights: torch.Tensor  # [rows]
+    n: int  # number of requests
+
+    @classmethod
+    def of(cls, components: Sequence[Mapping[str, float]]) -> Expansion:
+        owner, adapters, weights = [], [], []
+        for i, comp in enumerate(components):
+            total = sum(comp.values())
+            if not comp or total <= 0:
+                raise ValueError(f"request {i}: mixture weights {dict(comp)} must be positive")
+            for name, w in comp.items():
+                owner.append(i)
+                adapters.append(_PEFT_BASE if name == BASE else name)
+                weights.append(w / total)
+        return cls(owner, adapters, torch.tensor(weights).log(), len(components))
+
+    def expand(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Repeat per-request rows into per-component rows."""
+        return tensor[torch.tensor(self.owner, device=tensor.device)]
+
+    def mix(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-row logits [rows, ..., V] -> mixed log-probabilities [n, ..., V]."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = logp + self.log_weights.to(logp.device).view(-1, *([1] * (logp.dim() - 1)))
+        if len(self.owner) == self.n:  # no mixture: one row per request, in order
+            return logp
+        owner = torch.tensor(self.owner, device=logp.device)
+        return torch.stack([torch.logsumexp(logp[owner == i], dim=0) for i in range(self.n)])
+
+
+class ExpertPool:
+    """The base model once, with every expert's adapter loaded by name."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, dtype: torch.dtype):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.adapters: dict[str, Path] = {}
+        self.failed: dict[str, str] = {}  # expert -> reason it could not be loaded
+        self._lock = threading.RLock()  # adapter add/remove vs forward passes
+
+    @classmethod
+    def load(
+        cls,
+        app: AppConfig,
+        names: Sequence[str] | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        strict: bool = True,
+    ) -> ExpertPool:
+        """Load the base model and the adapters of `names` (default: every expert with an adapter).
+
+        strict=False: an expert whose adapter is missing or corrupt is recorded in `failed` and the
+        others still load (a server keeps serving what it can).
+        """
+        dev = pick_device(device)
+        pool = cls(
+            load_base_model(app.base_model, app.paths, dev),
+            load_tokenizer(app.base_model, app.paths),
+            dev,
+            pick_dtype(precision, dev),
+        )
+        pool.model.eval()
+        specs = {e.name: e for e in app.experts}
+        for name in names if names is not None else list(specs):
+            if name not in specs:
+                raise UnknownExpertError(name, list(specs))
+            try:
+                pool.add(name, adapter_dir(specs[name], app.paths))
+            except ArtifactError as exc:
+                if strict:
+                    raise
+                pool.failed[name] = str(exc)
+                log.error("%s", exc)
+        return pool
+
+    def add(self, name: str, directory: Path) -> None:
+        """Load (or replace) an adapter under `name`."""
+        from peft import PeftModel
+
+        check_adapter(name, directory)
+        with self._lock:
+            try:
+                if not hasattr(self.model, "peft_config"):
+                    self.model = PeftModel.from_pretrained(
+                        self.model, str(directory), adapter_name=name, is_trainable=False
+                    )
+                else:
+                    if name in self.model.peft_config:
+                        self.model.delete_adapter(name)
+                    self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise ArtifactError(f"expert {name!r}: cannot load adapter from {directory}: {exc}") from exc
+            self.model.eval()
+            self.adapters[name] = directory
+            self.failed.pop(name, None)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name not in self.adapters:
+                raise UnknownExpertError(name, list(self.adapters))
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+
+    def names(self) -> list[str]:
+        return [BASE, *self.adapters]
+
+    def validate(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in (BASE, _PEFT_BASE) and name not in self.adapters:
+                raise UnknownExpertError(name, self.names())
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device_type="cuda" if self.device == "cuda" else "cpu",
+                dtype=self.dtype,
+                enabled=self.dtype != torch.float32,
+            ),
+        ):
+            yield
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        adapters: Sequence[str],
+        past_key_values: Any = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> Any:
+        """One forward pass; row i uses adapter `adapters[i]` (`base`/`__base__` = no adapter)."""
+        names = [_PEFT_BASE if a == BASE else a for a in adapters]
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "use_cache": True,
+            "past_key_values": past_key_values,
+        }
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids.to(self.device)
+        with self._lock, self.autocast():
+            if hasattr(self.model, "peft_config"):
+                return self.model(**kwargs, adapter_names=names)
+            return self.model(**kwargs)
+
+    def mixture_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, components: Sequence[Mapping[str, float]]
+    ) -> torch.Tensor:
+        """Log-probabilities [n, T, V] of the posterior-weighted mixture, in one batched forward."""
+        exp = Expansion.of(components)
+        self.validate(exp.adapters)
+        out = self.forward(exp.expand(input_ids), exp.expand(attention_mask), exp.adapters)
+        return exp.mix(out.logits)

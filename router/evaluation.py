@@ -1,0 +1,185 @@
+"""`moe eval`: perplexity of every model on every domain, plus the router's own report.
+
+perplexity[model][domain] for model in base, generalist, every expert, `routed` (the router's top-1
+picks the adapter per block) and `mixture` (posterior-weighted top-k), on each domain's held-out
+test split - the same token blocks for every model. The off-diagonal shows forgetting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from experts.adapters import BASE, ExpertPool, adapter_dir
+from experts.base_model import load_tokenizer
+from experts.errors import ArtifactError
+from experts.evaluate import block_nll, perplexity
+from experts.schema import AppConfig
+from experts.train import domain_blocks
+
+log = logging.getLogger(__name__)
+
+
+def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True) -> dict[str, Any]:
+    """perplexity[model][domain], plus which expert the router picked per domain's blocks."""
+    domains = [e.name for e in app.experts if e.routable]
+    trained = [
+        e.name for e in app.experts if (adapter_dir(e, app.paths) / "adapter_model.safetensors").exists()
+    ]
+    missing = sorted(set(domains) - set(trained))
+    if missing:
+        raise ArtifactError(f"no adapter for expert(s) {missing}; run `moe train expert=all` first")
+    tok = load_tokenizer(app.base_model, app.paths)
+    pool = ExpertPool.load(app, trained, device=app.train.device, precision=app.train.precision)
+    n_blocks = app.train.test_batches * app.train.batch_size
+    batch = app.train.batch_size
+    models = [BASE, *[n for n in trained if n not in domains], *domains]
+    result: dict[str, dict[str, float]] = {m: {} for m in [*models, "routed", "mixture"]}
+    picks: dict[str, dict[str, int]] = {}
+    steps = len(domains) * (len(models) + 2)
+    bar = tqdm(total=steps, desc="eval perplexity", disable=not progress)
+    for domain in domains:
+        blocks = domain_blocks(domain, app, tok, "test", n_blocks)
+        for model in models:
+            nll = block_nll(
+                lambda ids, mask, rows, m=model: pool.forward(ids, mask, [m] * len(ids)).logits, blocks, batch
+            )
+            result[model][domain] = round(perplexity(nll), 4)
+            bar.update(1)
+        if router is None:
+            bar.update(2)
+            continue
+        texts = tok.batch_decode(blocks, skip_special_tokens=True)
+        top1 = [d.expert for d in router.decide(texts, policy="top1")]
+        mix = [d.experts for d in router.decide(texts, policy="mixture")]
+        picks[domain] = {e: top1.count(e) for e in sorted(set(top1))}
+        routed = [{e: 1.0} for e in top1]
+        for name, comps in (("routed", routed), ("mixture", mix)):
+            nll = block_nll(
+                lambda ids, mask, rows, c=comps: pool.mixture_logprobs(ids, mask, c[rows]),
+                blocks,
+                batch,
+                logprobs=True,
+            )
+            result[name][domain] = round(perplexity(nll), 4)
+            bar.update(1)
+    bar.close()
+    if router is None:
+        del result["routed"], result["mixture"]
+    for model, row in result.items():
+        row["mean"] = round(sum(row.values()) / len(row), 4) if row else float("nan")
+    return {
+        "perplexity": result,
+        "domains": domains,
+        "routed_picks": picks,
+        "blocks_per_domain": n_blocks,
+        "seq_len": app.train.seq_len,
+    }
+
+
+def summarise(ppl: dict[str, dict[str, float]], domains: list[str]) -> dict[str, Any]:
+    """The claims the issue makes, checked: expert vs base and vs generalist, mixture vs routed."""
+    out: dict[str, Any] = {}
+    base = ppl[BASE]
+    out["expert_over_base"] = {d: round(ppl[d][d] / base[d], 4) for d in domains if d in ppl}
+    if "generalist" in ppl:
+        out["expert_beats_generalist"] = {d: ppl[d][d] < ppl["generalist"][d] for d in domains if d in ppl}
+    if "routed" in ppl and "mixture" in ppl:
+        out["mixture_minus_routed_mean"] = round(ppl["mixture"]["mean"] - ppl["routed"]["mean"], 4)
+    return out
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    ppl, domains = report["perplexity"], report["domains"]
+    head = "| model | " + " | ".join(domains) + " | mean |"
+    lines = [
+        f"# Evaluation ({report['blocks_per_domain']} blocks x {report['seq_len']} tokens per domain)",
+        "",
+        "## Perplexity on each domain's held-out test split (lower is better)",
+        "",
+        head,
+        "|" + "---|" * (len(domains) + 2),
+    ]
+    for model, row in ppl.items():
+        cells = []
+        for d in domains:
+            best = min(ppl[m][d] for m in ppl if d in ppl[m])
+            cells.append(f"**{row[d]:.2f}**" if row.get(d) == best else f"{row.get(d, float('nan')):.2f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {row['mean']:.2f} |")
+    s = report["summary"]
+    lines += ["", "## Claims", "", f"- expert / base on its own domain: {s['expert_over_base']}"]
+    if "expert_beats_generalist" in s:
+        wins = sum(s["expert_beats_generalist"].values())
+        lines.append(
+            f"- expert beats generalist on its own domain: {wins} of {len(domains)} "
+            f"{s['expert_beats_generalist']}"
+        )
+    if "mixture_minus_routed_mean" in s:
+        lines.append(f"- mean perplexity, mixture minus routed: {s['mixture_minus_routed_mean']}")
+    if "routing" in report:
+        r = report["routing"]
+        lines += [
+            "",
+            "## Routing",
+            "",
+            "```",
+            json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}, indent=1, default=str)[:4000],
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl, domains = report["perplexity"], report["domains"]
+    models = list(ppl)
+    # colour by perplexity relative to the base model on that domain: < 1 means better than base
+    grid = torch.tensor([[ppl[m][d] / ppl[BASE][d] for d in domains] for m in models])
+    fig, ax = plt.subplots(figsize=(1.3 * len(domains) + 2, 0.5 * len(models) + 1.5))
+    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=0.5, vmax=1.5)
+    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    for i, m in enumerate(models):
+        for j, d in enumerate(domains):
+            ax.text(j, i, f"{ppl[m][d]:.1f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="perplexity / base perplexity")
+    ax.set_title("Held-out perplexity per domain (text: perplexity)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def eval_command(app: AppConfig, ctx: Any) -> None:
+    """`moe eval`: write artifacts/reports/eval.json, eval.md and plots."""
+    out = app.paths.reports_dir
+    out.mkdir(parents=True, exist_ok=True)
+    router = None
+    try:
+        from router.model import load_router
+
+        router = load_router(app)
+    except ArtifactError as exc:
+        print(f"note: no router ({exc}); routed/mixture rows and the routing section are skipped")
+    start = time.perf_counter()
+    report = perplexity_matrix(app, router)
+    report["summary"] = summarise(report["perplexity"], report["domains"])
+    if router is not None:
+        from router.metrics import routing_report
+
+        report["routing"] = routing_report(app, router, out)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "eval.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "eval.md").write_text(render_markdown(report))
+    plot_heatmap(report, out / "perplexity_heatmap.png")
+    print(render_markdown(report))
+    print(f"saved {out / 'eval.json'}, eval.md and perplexity_heatmap.png")

@@ -1,0 +1,122 @@
+"""LoRA training on the tiny base model: outputs, resume after interruption, instruction masking."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
+
+from experts.config import compose
+from experts.schema import ExpertSpec, build
+from experts.train import _instruction_rows, train_expert
+
+WORDS = "the cell protein gene patient dose trial result acid enzyme blood tumour kinase receptor".split()
+
+
+def write_corpus(paths, slug: str, seed: int = 0, docs: int = 40) -> None:
+    """A small corpus in the documented on-disk layout (datasets save_to_disk)."""
+    rng = random.Random(seed)
+
+    def split(n: int, prefix: str) -> Dataset:
+        texts = [" ".join(rng.choice(WORDS) for _ in range(120)) + "." for _ in range(n)]
+        return Dataset.from_dict({"doc_id": [f"{prefix}{i}" for i in range(n)], "text": texts})
+
+    DatasetDict({"train": split(docs, "tr"), "validation": split(8, "va"), "test": split(8, "te")}).save_to_disk(
+        str(paths.data_dir(slug))
+    )
+
+
+@pytest.fixture()
+def tiny(tiny_app, artifacts):
+    app = compose(["base_model=tiny", "train=tiny", "expert=biomedical"])
+    write_corpus(app.paths, "biomedical")
+    return app
+
+
+def adapter_tensors(directory):
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def test_train_writes_peft_adapter_metrics_and_card(tiny):
+    out = tiny.paths.expert_dir("biomedical")
+    metrics = train_expert(tiny, tiny.expert, out, progress=False)
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == tiny.lora.r
+    assert sorted(config["target_modules"]) == sorted(tiny.lora.target_modules)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["steps"] == tiny.train.steps == len(saved["history"]["train_loss"])
+    assert [v[0] for v in saved["history"]["val"]] == [2, 4]
+    assert saved["test_perplexity"]["base"] > 1 and saved["test_perplexity"]["expert"] > 1
+    # a repetitive 14-word vocabulary is easy: even 4 steps at lr 1e-3 must lower perplexity
+    assert metrics["test_perplexity"]["expert"] < metrics["test_perplexity"]["base"]
+    assert "biomedical" in (out / "README.md").read_text()
+    assert not (out / "checkpoint").exists() and not (out / "adapter.part").exists()
+    assert not list(out.glob("*.bin")), "adapters are saved as safetensors only"
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run(tiny, monkeypatch, tmp_path):
+    reference = train_expert(tiny, tiny.expert, tmp_path / "ref", progress=False)
+    calls = {"n": 0}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def interrupt_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupt_third_step)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(tiny, tiny.expert, out, progress=False)
+    assert (out / "checkpoint" / "state.json").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    resumed = train_expert(tiny, tiny.expert, out, progress=False)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    a, b = adapter_tensors(tmp_path / "ref"), adapter_tensors(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert resumed["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-4)
+
+
+def test_instruction_rows_mask_the_prompt(tiny_app):
+    from experts.base_model import load_tokenizer
+
+    tok = load_tokenizer(tiny_app.base_model, tiny_app.paths)
+    ids, labels, mask = _instruction_rows([{"prompt": "What is a kinase?", "response": "An enzyme."}], tok, 64, "sys")
+    n_resp = len(tok("An enzyme.", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert int((labels != -100).sum()) == n_resp
+    kept = labels[0][labels[0] != -100].tolist()
+    assert kept[-1] == tok.eos_token_id and tok.decode(kept[:-1]) == "An enzyme."
+    assert int(mask.sum()) == int((ids[0] != tok.pad_token_id).sum()) or int(mask.sum()) <= 64
+
+
+def test_generalist_mixes_every_routable_corpus(tiny_app, artifacts):
+    app = compose(["base_model=tiny", "train=tiny", "expert=generalist", "experts=[biomedical,legal]"])
+    for i, slug in enumerate(["biomedical", "legal"]):
+        write_corpus(app.paths, slug, seed=i)
+    from experts.base_model import load_tokenizer
+    from experts.train import build_train_data
+
+    data = build_train_data(app, app.expert, load_tokenizer(app.base_model, app.paths))
+    assert set(data.sources) == {"biomedical", "legal"}
+    assert data.sources["biomedical"] == data.sources["legal"]
+
+
+def test_target_modules_that_do_not_exist_fail_clearly(tiny):
+    from dataclasses import replace
+
+    from experts.errors import MoeError
+    from experts.schema import LoraSpec
+
+    bad = replace(tiny, lora=build(LoraSpec, {"target_modules": ["nonexistent_proj"]}))
+    with pytest.raises(MoeError, match="target_modules"):
+        train_expert(bad, tiny.expert, tiny.paths.expert_dir("x"), progress=False)
+    assert isinstance(tiny.expert, ExpertSpec)
