@@ -72,7 +72,7 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
     bar.close()
     if router is None:
         del result["routed"], result["mixture"]
-    for model, row in result.items():
+    for row in result.values():
         row["mean"] = round(sum(row.values()) / len(row), 4) if row else float("nan")
     return {
         "perplexity": result,
