@@ -157,7 +157,10 @@ class ExpertPool:
                     if name in self.model.peft_config:
                         self.model.delete_adapter(name)
                     self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
-            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            except Exception as exc:  # a loading boundary: safetensors, peft and torch all raise their own
+                if hasattr(self.model, "peft_config") and name in self.model.peft_config:
+                    with contextlib.suppress(Exception):  # drop the half-registered adapter
+                        self.model.delete_adapter(name)
                 raise ArtifactError(f"expert {name!r}: cannot load adapter from {directory}: {exc}") from exc
             self.model.eval()
             self.adapters[name] = directory

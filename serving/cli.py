@@ -160,6 +160,26 @@ def _split(cmd: Command, argv: list[str]) -> tuple[list[str], list[str]]:
     return overrides, positional
 
 
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-dir", "-cd",
+                     "--experimental-rerun"}
+
+
+def _flags_first(args: list[str]) -> list[str]:
+    """Hydra's argparse wants flags before overrides (`--cfg job a=b`, not `a=b --cfg job`)."""
+    flags, rest = [], []
+    it = iter(args)
+    for arg in it:
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _FLAGS_WITH_VALUE:
+                value = next(it, None)
+                if value is not None:
+                    flags.append(value)
+        else:
+            rest.append(arg)
+    return [*flags, *rest]
+
+
 def _resolve(target: str) -> Callable[..., Any]:
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
@@ -205,7 +225,7 @@ def run_command(name: str, argv: list[str]) -> int:
 
     task.__name__ = name.replace("-", "_")
     saved = sys.argv
-    sys.argv = [f"moe {name}", *overrides, f"hydra.job.name={name.replace('-', '_')}"]
+    sys.argv = [f"moe {name}", *_flags_first([*overrides, f"hydra.job.name={name.replace('-', '_')}"])]
     try:
         hydra.main(config_path=str(conf), config_name="config", version_base="1.3")(task)()
     finally:

@@ -1,0 +1,120 @@
+"""The expert pool: mixed-adapter batches, posterior-weighted mixtures, refusal of bad adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experts.adapters import Expansion, ExpertPool, check_adapter
+from experts.errors import ArtifactError, UnknownExpertError
+
+
+def make_adapter(app, directory, seed: int) -> None:
+    """A real LoRA adapter with random (non-identity) weights, saved as safetensors."""
+    from peft import LoraConfig, get_peft_model
+
+    from experts.base_model import load_base_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        load_base_model(app.base_model, app.paths),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_app, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    pool = ExpertPool.load(tiny_app, names=[], device="cpu", precision="fp32")
+    for i, name in enumerate(["legal", "biomedical"]):
+        make_adapter(tiny_app, root / name, seed=i)
+        pool.add(name, root / name)
+    return pool
+
+
+def test_expansion_normalises_weights_and_mixes_probabilities():
+    exp = Expansion.of([{"a": 3.0, "b": 1.0}, {"c": 2.0}])
+    assert exp.owner == [0, 0, 1] and exp.n == 2
+    torch.testing.assert_close(exp.log_weights.exp(), torch.tensor([0.75, 0.25, 1.0]))
+    logits = torch.randn(3, 5, 11)
+    mixed = exp.mix(logits)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(mixed[0].exp(), 0.75 * p[0] + 0.25 * p[1])
+    torch.testing.assert_close(mixed[1].exp(), p[2])
+    with pytest.raises(ValueError, match="must be positive"):
+        Expansion.of([{}])
+
+
+def test_mixed_adapter_batch_equals_separate_passes(pool):
+    ids = torch.randint(0, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mixed = pool.forward(ids, mask, ["legal", "biomedical", "base"]).logits
+    for row, name in enumerate(["legal", "biomedical", "base"]):
+        alone = pool.forward(ids[row : row + 1], mask[row : row + 1], [name]).logits
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-4, atol=1e-4)
+    # the adapters really change the output (init_lora_weights=False), else the test proves nothing
+    assert not torch.allclose(mixed[0], pool.forward(ids[:1], mask[:1], ["base"]).logits[0], atol=1e-3)
+
+
+def test_mixture_of_one_expert_is_that_expert(pool):
+    ids = torch.randint(0, 1000, (2, 10))
+    mask = torch.ones_like(ids)
+    single = pool.mixture_logprobs(ids, mask, [{"legal": 1.0}, {"biomedical": 1.0}])
+    direct = torch.log_softmax(pool.forward(ids, mask, ["legal", "biomedical"]).logits.float(), -1)
+    torch.testing.assert_close(single, direct, rtol=1e-4, atol=1e-4)
+    mixed = pool.mixture_logprobs(ids[:1], mask[:1], [{"legal": 0.5, "biomedical": 0.5}])
+    torch.testing.assert_close(
+        mixed.exp(),
+        0.5 * (direct[0:1].exp() + direct[1:2].exp()) * 0
+        + 0.5
+        * (
+            torch.softmax(pool.forward(ids[:1], mask[:1], ["legal"]).logits.float(), -1)
+            + torch.softmax(pool.forward(ids[:1], mask[:1], ["biomedical"]).logits.float(), -1)
+        ),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_unknown_adapter_name_is_refused(pool):
+    with pytest.raises(UnknownExpertError, match="available"):
+        pool.mixture_logprobs(
+            torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), [{"lgal": 1}]
+        )
+
+
+def test_remove_then_add_back(pool, tmp_path, tiny_app):
+    make_adapter(tiny_app, tmp_path / "tmp_expert", seed=7)
+    pool.add("tmp_expert", tmp_path / "tmp_expert")
+    assert "tmp_expert" in pool.names()
+    pool.remove("tmp_expert")
+    assert "tmp_expert" not in pool.names()
+    with pytest.raises(UnknownExpertError):
+        pool.remove("tmp_expert")
+
+
+def test_check_adapter_refuses_missing_pickled_and_corrupt(tmp_path):
+    with pytest.raises(ArtifactError, match="expert 'x': missing .*adapter_config.json"):
+        check_adapter("x", tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ArtifactError, match="pickled .bin adapters are refused"):
+        check_adapter("x", tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        check_adapter("x", tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(ArtifactError, match="only LoRA"):
+        check_adapter("x", tmp_path)
+
+
+def test_corrupt_safetensors_fails_naming_expert(pool, tmp_path, tiny_app):
+    make_adapter(tiny_app, tmp_path / "bad", seed=3)
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="expert 'bad'"):
+        pool.add("bad", tmp_path / "bad")
+    assert "bad" not in pool.names()

@@ -1,0 +1,65 @@
+"""The `moe` CLI: help text, one-line errors, Hydra overrides reach the typed config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from serving.cli import COMMANDS, _split
+
+
+def moe(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_help_lists_every_command():
+    out = moe("--help")
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_each_command_has_help(name):
+    out = moe(name, "--help")
+    assert out.returncode == 0 and COMMANDS[name].summary in out.stdout
+
+
+def test_unknown_command_is_one_line_naming_choices():
+    out = moe("trian")
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip().count("\n") == 0
+        and "unknown command 'trian'" in out.stderr
+        and "train" in out.stderr
+    )
+
+
+def test_train_without_expert_is_one_clear_line():
+    out = moe("train", "paths.artifacts=/tmp/moe-cli-test")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "error: say which expert to train" in out.stderr and "biomedical" in out.stderr
+
+
+def test_bad_override_value_is_reported_without_traceback():
+    out = moe("fetch-model", "lora.r=0", "paths.artifacts=/tmp/moe-cli-test")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "lora.r 0 must be > 0" in out.stderr
+
+
+def test_cfg_job_prints_overridden_config():
+    out = moe("train", "expert=legal", "lora.r=4", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "r: 4" in out.stdout and "name: legal" in out.stdout
+
+
+def test_positional_split_keeps_free_text_apart_from_overrides():
+    cmd = COMMANDS["route"]
+    overrides, texts = _split(cmd, ["router=embed", "what is x=5", "-m", "--", "router.c=2"])
+    assert overrides == ["router=embed", "-m"]
+    assert texts == ["what is x=5", "router.c=2"]
