@@ -14,7 +14,22 @@ from experts.config import compose
 from experts.schema import ExpertSpec, build
 from experts.train import _instruction_rows, train_expert
 
-WORDS = "the cell protein gene patient dose trial result acid enzyme blood tumour kinase receptor".split()
+WORDS = [
+    "the",
+    "cell",
+    "protein",
+    "gene",
+    "patient",
+    "dose",
+    "trial",
+    "result",
+    "acid",
+    "enzyme",
+    "blood",
+    "tumour",
+    "kinase",
+    "receptor",
+]
 
 
 def write_corpus(paths, slug: str, seed: int = 0, docs: int = 40) -> None:
@@ -25,9 +40,9 @@ def write_corpus(paths, slug: str, seed: int = 0, docs: int = 40) -> None:
         texts = [" ".join(rng.choice(WORDS) for _ in range(120)) + "." for _ in range(n)]
         return Dataset.from_dict({"doc_id": [f"{prefix}{i}" for i in range(n)], "text": texts})
 
-    DatasetDict({"train": split(docs, "tr"), "validation": split(8, "va"), "test": split(8, "te")}).save_to_disk(
-        str(paths.data_dir(slug))
-    )
+    DatasetDict(
+        {"train": split(docs, "tr"), "validation": split(8, "va"), "test": split(8, "te")}
+    ).save_to_disk(str(paths.data_dir(slug)))
 
 
 @pytest.fixture()
@@ -90,7 +105,9 @@ def test_instruction_rows_mask_the_prompt(tiny_app):
     from experts.base_model import load_tokenizer
 
     tok = load_tokenizer(tiny_app.base_model, tiny_app.paths)
-    ids, labels, mask = _instruction_rows([{"prompt": "What is a kinase?", "response": "An enzyme."}], tok, 64, "sys")
+    ids, labels, mask = _instruction_rows(
+        [{"prompt": "What is a kinase?", "response": "An enzyme."}], tok, 64, "sys"
+    )
     n_resp = len(tok("An enzyme.", add_special_tokens=False)["input_ids"]) + 1  # + EOS
     assert int((labels != -100).sum()) == n_resp
     kept = labels[0][labels[0] != -100].tolist()
