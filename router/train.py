@@ -1,0 +1,215 @@
+"""`moe train-router`: fit the router on the experts' TRAIN splits, calibrate it on VALIDATION.
+
+1. Examples: windows of `router.window_words` words from every routable expert's train split,
+   plus question-style views (titles, headings, first sentences); a background class of general
+   news text when `router.background`.
+2. Features (`router.pipeline`) -> multinomial logistic regression (balanced classes).
+3. On validation windows: temperature scaling, the nearest-neighbour similarity floor
+   (embedding pipelines) and the fallback threshold for `router.target_accuracy`.
+4. Save the router with its config and metrics into artifacts/router/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from experts.errors import ConfigError
+from experts.schema import AppConfig, RouterSpec
+from router.calibration import choose_threshold, expected_calibration_error, fit_temperature
+from router.data import Examples, background_examples, expert_examples
+from router.features import Features, build_features, featurize
+from router.model import BACKGROUND, Router, routable_labels, router_dir
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SHARE = 0.25  # validation windows per expert, as a share of the training budget
+PROTOTYPES_PER_CLASS = 1000  # training embeddings kept for the nearest-neighbour distance signal
+# The similarity floor lets this share of in-domain validation queries (8+ words) fall below it.
+IN_DOMAIN_MISS_RATE = 0.01
+SIMILARITY_MIN_WORDS = 8
+
+
+def _targets(classes: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[label] for label in labels])
+
+
+def _prototypes(emb: np.ndarray, labels: Sequence[str], keep: Sequence[str], seed: int) -> np.ndarray:
+    """Up to PROTOTYPES_PER_CLASS training embeddings per expert (background excluded)."""
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    rows = []
+    for label in keep:
+        idx = np.flatnonzero(labels_arr == label)
+        rows.append(rng.choice(idx, size=min(PROTOTYPES_PER_CLASS, len(idx)), replace=False))
+    return emb[np.sort(np.concatenate(rows))]
+
+
+def fit_router(
+    labels: Sequence[str],
+    train: Examples,
+    validation: Examples,
+    spec: RouterSpec,
+    features: Features,
+    *,
+    distance: bool = True,
+) -> tuple[Router, dict[str, Any]]:
+    """Fit features + classifier on `train`, calibrate and choose thresholds on `validation`.
+
+    Examples labelled BACKGROUND form the internal out-of-domain class. Returns the router and
+    the validation metrics it was tuned to.
+    """
+    labels = list(labels)
+    unknown = sorted(set(train.labels) - {*labels, BACKGROUND})
+    if unknown:
+        raise ConfigError(f"training examples have labels {unknown} that are not router labels {labels}")
+    background = BACKGROUND in train.labels
+    classes = labels + ([BACKGROUND] if background else [])
+    started = time.perf_counter()
+    features.fit(train.texts)
+    x, emb = featurize(features, train.texts)
+    clf = LogisticRegression(C=spec.c, max_iter=3000, class_weight="balanced")
+    clf.fit(x, _targets(classes, train.labels))
+    router = Router(
+        labels,
+        features,
+        clf.coef_,
+        clf.intercept_,
+        background=background,
+        policy=spec.policy,
+        fallback_model=spec.fallback_model,
+        mixture_top_k=spec.mixture_top_k,
+        mixture_min_prob=spec.mixture_min_prob,
+    )
+    fit_s = time.perf_counter() - started
+
+    # --- calibration on validation windows -------------------------------------------------
+    xv, embv = featurize(features, validation.texts)
+    logits = router.logits(xv)
+    yv = _targets(classes, validation.labels)
+    raw_probs = np.exp(logits - logits.max(1, keepdims=True))
+    raw_probs /= raw_probs.sum(1, keepdims=True)
+    router.temperature = fit_temperature(logits, yv)
+    probs = np.exp(logits / router.temperature - (logits / router.temperature).max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+
+    in_domain = yv < len(labels)
+    words = np.array([len(t.split()) for t in validation.texts])
+    similarity = np.ones(len(yv), dtype=np.float32)
+    if distance and emb is not None and embv is not None:
+        router.prototypes = _prototypes(emb, train.labels, labels, spec.seed)
+        similarity = (embv @ router.prototypes.T).max(axis=1)
+        ref = in_domain & (words >= SIMILARITY_MIN_WORDS)
+        if ref.any():
+            router.min_similarity = float(np.quantile(similarity[ref], IN_DOMAIN_MISS_RATE))
+
+    ood = router.out_of_domain(probs, similarity)
+    expert_probs = probs[:, : len(labels)]
+    top = expert_probs.argmax(1)
+    conf = expert_probs.max(1)
+    correct = top == yv
+    keep = in_domain & ~ood
+    if spec.threshold is not None:
+        router.threshold = spec.threshold
+    else:
+        router.threshold = choose_threshold(conf[keep], correct[keep], spec.target_accuracy)
+    accepted = keep & (conf >= router.threshold)
+    raw_conf = raw_probs.max(1)
+    metrics: dict[str, Any] = {
+        "validation_examples": int(len(yv)),
+        "temperature": router.temperature,
+        "threshold": router.threshold,
+        "min_similarity": router.min_similarity,
+        "accuracy_top1": float(correct[in_domain].mean()),
+        "accuracy_top1_by_words": {
+            str(w): float(correct[in_domain & (words == w)].mean())
+            for w in sorted(set(words[in_domain].tolist()))
+            if w in spec.window_words
+        },
+        # All classes (background too): the calibration the temperature was fitted for.
+        "ece_before": expected_calibration_error(raw_conf, raw_probs.argmax(1) == yv),
+        "ece_after": expected_calibration_error(probs.max(1), probs.argmax(1) == yv),
+        "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else None,
+        "coverage": float(accepted[in_domain].mean()),
+        "in_domain_out_of_domain_rate": float(ood[in_domain].mean()),
+        "background_fallback_rate": float((ood | (conf < router.threshold))[~in_domain].mean())
+        if background
+        else None,
+        "fit_seconds": round(fit_s, 1),
+    }
+    log.info(
+        "router %s: top-1 %.3f, threshold %.3f (coverage %.3f at accuracy %s), T %.2f, ECE %.3f -> %.3f",
+        features.name,
+        metrics["accuracy_top1"],
+        router.threshold,
+        metrics["coverage"],
+        metrics["accepted_accuracy"],
+        router.temperature,
+        metrics["ece_before"],
+        metrics["ece_after"],
+    )
+    return router, metrics
+
+
+def router_examples(app: AppConfig, labels: Sequence[str]) -> tuple[Examples, Examples]:
+    """Train and validation examples of every routable expert (+ background when configured)."""
+    spec = app.router
+    budget = spec.max_windows_per_expert
+    val_budget = max(50, int(budget * VALIDATION_SHARE))
+    train = expert_examples(app, labels, "train", budget)
+    validation = expert_examples(app, labels, "validation", val_budget)
+    if spec.background:
+        bg = background_examples(app, "train", budget, BACKGROUND)
+        train.add(bg.texts, BACKGROUND, bg.kinds)
+        bgv = background_examples(app, "validation", val_budget, BACKGROUND)
+        validation.add(bgv.texts, BACKGROUND, bgv.kinds)
+    return train, validation
+
+
+def train_router(app: AppConfig) -> tuple[Router, dict[str, Any]]:
+    """Train, calibrate and save the router for the configured routable experts."""
+    labels = routable_labels(app)
+    if len(labels) < 2:
+        raise ConfigError(f"the router needs at least two routable experts; config has {labels}")
+    spec = app.router
+    started = time.perf_counter()
+    train, validation = router_examples(app, labels)
+    counts = {label: train.labels.count(label) for label in sorted(set(train.labels))}
+    log.info("router training examples: %s", counts)
+    features = build_features(spec.pipeline, spec.encoder_package, app.paths.downloads_dir)
+    router, metrics = fit_router(labels, train, validation, spec, features)
+    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    router.info = {
+        "config": dataclasses.asdict(spec),
+        "train_examples": counts,
+        "metrics": metrics,
+    }
+    out = router_dir(app)
+    router.save(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
+    return router, metrics
+
+
+def train_router_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
+    """CLI entry: train, save, print a one-screen summary."""
+    router, metrics = train_router(app)
+    print(f"router ({router.pipeline}) saved to {router_dir(app)}")
+    print(f"  labels:          {router.labels}{' + background' if router.background else ''}")
+    print(f"  top-1 accuracy:  {metrics['accuracy_top1']:.3f} on validation windows")
+    for words, acc in metrics["accuracy_top1_by_words"].items():
+        print(f"    {words:>4} words:    {acc:.3f}")
+    print(f"  threshold:       {router.threshold:.3f} for accuracy {app.router.target_accuracy}")
+    print(f"  coverage:        {metrics['coverage']:.3f} (accepted accuracy {metrics['accepted_accuracy']})")
+    print(
+        f"  ECE:             {metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f} (T={router.temperature:.2f})"
+    )
+    return metrics
