@@ -248,7 +248,7 @@ def build_corpus(spec: ExpertSpec, app: AppConfig, force: bool = False, progress
     }
 
     def write(tmp: Path) -> None:
-        from datasets.utils.logging import disable_progress_bars, enable_progress_bars
+        from datasets import disable_progress_bars, enable_progress_bars
 
         disable_progress_bars()  # one bar per split and shard is noise next to our own
         try:

@@ -221,7 +221,7 @@ def read_python_docs(spec: DataSpec, paths: PathsSpec) -> Iterator[Document]:
     """The Sphinx sources (`_sources/**/*.rst.txt`) of the Python documentation package."""
     opts = reader_options(spec, {"files": "usr/share/doc/python3*/html/_sources/**/*.rst.txt", "exclude": []})
     for _, root in package_roots(spec, paths):
-        for path in sorted(set(root.glob(opts["files"]))):  # `**` can match a file twice
+        for path in sorted({p.resolve() for p in root.glob(opts["files"])}):  # html/ is also symlinked
             rel = path.as_posix().split("_sources/", 1)[-1].removesuffix(".rst.txt")
             if any(re.search(pattern, rel) for pattern in opts["exclude"]):
                 continue
