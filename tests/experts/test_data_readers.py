@@ -220,3 +220,9 @@ def test_markdown_to_text():
     assert (
         markdown_to_text("## Title\n**bold** and [a link](http://x) `code`") == "Title\nbold and a link code"
     )
+
+
+def test_missing_man_tool_names_the_debian_package(monkeypatch):
+    monkeypatch.setattr(src.shutil, "which", lambda tool: None if tool == "col" else "/usr/bin/" + tool)
+    with pytest.raises(DataError, match=r"`col` is not installed \(apt-get install bsdextrautils\)"):
+        list(READERS["man"](DataSpec(source="man", packages=(REF,)), PATHS))
