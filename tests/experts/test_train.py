@@ -32,23 +32,29 @@ WORDS = [
 ]
 
 
-def write_corpus(paths, slug: str, seed: int = 0, docs: int = 40) -> None:
-    """A small corpus in the documented on-disk layout (datasets save_to_disk)."""
+def write_corpus(app, slug: str, seed: int = 0, docs: int = 56) -> None:
+    """A small corpus built by the real pipeline from a folder of text files (source: folder)."""
+    from dataclasses import replace
+
+    from experts.data import build_corpus
+    from experts.schema import DataSpec
+
     rng = random.Random(seed)
-
-    def split(n: int, prefix: str) -> Dataset:
-        texts = [" ".join(rng.choice(WORDS) for _ in range(120)) + "." for _ in range(n)]
-        return Dataset.from_dict({"doc_id": [f"{prefix}{i}" for i in range(n)], "text": texts})
-
-    DatasetDict(
-        {"train": split(docs, "tr"), "validation": split(8, "va"), "test": split(8, "te")}
-    ).save_to_disk(str(paths.data_dir(slug)))
+    folder = app.paths.artifacts_dir / "raw" / slug
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        text = " ".join(rng.choice(WORDS) for _ in range(150)) + "."
+        (folder / f"doc{i}.txt").write_text(text)
+    spec = replace(
+        app.get_expert(slug), data=DataSpec(source="folder", path=str(folder), split=(0.7, 0.15, 0.15))
+    )
+    build_corpus(spec, app)
 
 
 @pytest.fixture()
 def tiny(tiny_app, artifacts):
     app = compose(["base_model=tiny", "train=tiny", "expert=biomedical"])
-    write_corpus(app.paths, "biomedical")
+    write_corpus(app, "biomedical")
     return app
 
 
@@ -118,7 +124,7 @@ def test_instruction_rows_mask_the_prompt(tiny_app):
 def test_generalist_mixes_every_routable_corpus(tiny_app, artifacts):
     app = compose(["base_model=tiny", "train=tiny", "expert=generalist", "experts=[biomedical,legal]"])
     for i, slug in enumerate(["biomedical", "legal"]):
-        write_corpus(app.paths, slug, seed=i)
+        write_corpus(app, slug, seed=i)
     from experts.base_model import load_tokenizer
     from experts.train import build_train_data
 
