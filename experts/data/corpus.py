@@ -34,7 +34,7 @@ from experts.schema import AppConfig, BaseModelSpec, ExpertSpec, PathsSpec
 log = logging.getLogger(__name__)
 
 # Bump when reading, cleaning or splitting changes what a build produces: cached corpora rebuild.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 MIXTURE = "mixture"  # the generalist's source: built by training from the other corpora
 _TOKEN_BATCH = 512
 _TOKENIZERS: dict[str, Any] = {}
@@ -306,7 +306,8 @@ def data_command(app: AppConfig, ctx: Any) -> list[Path]:
             continue
         t = time.perf_counter()
         before = _card_hash(spec, app)
-        print(f"building corpus of {spec.name!r} ({spec.data.source}) ...", file=sys.stderr, flush=True)
+        if force or before != config_hash(spec, app):
+            print(f"building corpus of {spec.name!r} ({spec.data.source}) ...", file=sys.stderr, flush=True)
         path = build_corpus(spec, app, force=force, progress=True)
         built.append(path)
         card = load_card(spec.name, app.paths)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ from experts.data import build_corpus, data_command, load_card, load_corpus
 from experts.errors import ArtifactError, ConfigError, DataError
 from experts.schema import DataSpec, ExpertSpec, PathsSpec
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "data"
 
 
 @pytest.fixture()
@@ -26,24 +26,19 @@ def app(tiny_app, tmp_path):
 
 @pytest.fixture()
 def oceans(tmp_path) -> ExpertSpec:
-    """The README's "Bring your own corpus" YAML, pointing at the fixture folder."""
-    path = tmp_path / "oceans.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            # @package _global_
-            expert:
-              name: oceans
-              description: Oceanography notes - tides, waves, currents and reefs.
-              data:
-                source: folder
-                path: {FIXTURES / "user_corpus"}
-                licence: CC-BY-4.0
-                min_chars: 50
-                split: [0.6, 0.2, 0.2]
-            """
-        )
+    """The README's "Bring your own corpus" YAML, verbatim but for its folder and min_chars."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Bring your own corpus") :]
+    block = section[
+        section.index("```yaml\n") + len("```yaml\n") : section.index("```\n", section.index("```yaml"))
+    ]
+    assert "path: /data/oceans" in block and "min_chars: 200" in block
+    block = block.replace("/data/oceans", str(FIXTURES / "user_corpus")).replace(
+        "min_chars: 200", "min_chars: 50"
     )
+    block = block.replace("licence: CC-BY-4.0", "licence: CC-BY-4.0\n    split: [0.6, 0.2, 0.2]")
+    path = tmp_path / "oceans.yaml"
+    path.write_text(block)
     return load_expert_file(path)
 
 
