@@ -144,14 +144,19 @@ def split_examples(
         for i, text in enumerate(texts):
             doc_views = question_views(text, titles[i] if titles else None)
             pool.extend(rng.sample(doc_views, min(VIEWS_PER_DOC, len(doc_views))))
+        pool = list(dict.fromkeys(pool))  # chunks of one document repeat its title
         pool = rng.sample(pool, min(len(pool), int(budget * VIEWS_SHARE)))
         pool = [as_question(v, rng) if rng.random() < TEMPLATE_SHARE else v for v in pool]
         out.add(pool, label, ["view"] * len(pool))
     return out
 
 
-def expert_examples(app: AppConfig, labels: Sequence[str], split: str, budget: int) -> Examples:
-    """Windows (+ views on the train split) of every expert's `split`: labels = expert slugs."""
+def expert_examples(
+    app: AppConfig, labels: Sequence[str], split: str, budget: int, sizes: Sequence[int] | None = None
+) -> Examples:
+    """Windows (+ views on the train split) of every expert's `split`: labels = expert slugs.
+
+    `sizes`: window lengths in words (default `router.window_words`)."""
     from experts.data import load_corpus
 
     spec = app.router
@@ -163,7 +168,7 @@ def expert_examples(app: AppConfig, labels: Sequence[str], split: str, budget: i
             ds["text"],
             titles,
             slug,
-            sizes=spec.window_words,
+            sizes=sizes or spec.window_words,
             budget=budget,
             per_doc=spec.windows_per_doc,
             seed=spec.seed + SPLITS.index(split),

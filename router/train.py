@@ -53,6 +53,21 @@ def _prototypes(emb: np.ndarray, labels: Sequence[str], keep: Sequence[str], see
     return emb[np.sort(np.concatenate(rows))]
 
 
+def purify_background(x: Any, targets: np.ndarray, background: int) -> np.ndarray:
+    """Keep the background examples that are closer to the background centroid than to every
+    expert's centroid (cosine). General news also covers politics and health; a background
+    class that learned those would send in-domain questions to the fallback."""
+    keep = np.ones(len(targets), dtype=bool)
+    rows = np.flatnonzero(targets == background)
+    if not len(rows):
+        return keep
+    centroids = np.vstack([np.asarray(x[targets == c].mean(axis=0)).ravel() for c in range(background + 1)])
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    sims = np.asarray(x[rows] @ centroids.T)
+    keep[rows] = sims[:, background] >= sims[:, :background].max(axis=1)
+    return keep
+
+
 def fit_router(
     labels: Sequence[str],
     train: Examples,
@@ -76,13 +91,18 @@ def fit_router(
     started = time.perf_counter()
     features.fit(train.texts)
     x, emb = featurize(features, train.texts)
+    y = _targets(classes, train.labels)
+    fit_rows = purify_background(x, y, len(labels)) if background else np.ones(len(y), dtype=bool)
     clf = LogisticRegression(C=spec.c, max_iter=3000, class_weight="balanced")
-    clf.fit(x, _targets(classes, train.labels))
+    clf.fit(x[fit_rows], y[fit_rows])
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(classes) == 2:  # binary: one score z; softmax over (-z/2, z/2) gives sigmoid(z)
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
     router = Router(
         labels,
         features,
-        clf.coef_,
-        clf.intercept_,
+        coef,
+        intercept,
         background=background,
         policy=spec.policy,
         fallback_model=spec.fallback_model,
@@ -125,6 +145,7 @@ def fit_router(
     raw_conf = raw_probs.max(1)
     metrics: dict[str, Any] = {
         "validation_examples": int(len(yv)),
+        "background_kept": float(fit_rows[y == len(labels)].mean()) if background else None,
         "temperature": router.temperature,
         "threshold": router.threshold,
         "min_similarity": router.min_similarity,
