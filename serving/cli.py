@@ -160,8 +160,17 @@ def _split(cmd: Command, argv: list[str]) -> tuple[list[str], list[str]]:
     return overrides, positional
 
 
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-dir", "-cd",
-                     "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+    "-i",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
 
 
 def _flags_first(args: list[str]) -> list[str]:
@@ -222,6 +231,14 @@ def run_command(name: str, argv: list[str]) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except Exception as exc:  # the top of a command: one line, never a traceback
+            if os.environ.get("MOE_DEBUG"):
+                raise
+            print(f"error: {type(exc).__name__}: {exc} (set MOE_DEBUG=1 for a traceback)", file=sys.stderr)
+            status["code"] = 1
+            if ctx.multirun:
+                return float("inf")
+            raise SystemExit(1) from None
 
     task.__name__ = name.replace("-", "_")
     saved = sys.argv

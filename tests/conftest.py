@@ -28,3 +28,61 @@ def tiny_app():
     app = compose(["base_model=tiny", "train=tiny"])
     ensure_base_model(app.base_model, app.paths)
     return app
+
+
+TOY_WORDS = [
+    "orbit",
+    "comet",
+    "planet",
+    "nebula",
+    "telescope",
+    "galaxy",
+    "star",
+    "moon",
+    "eclipse",
+    "asteroid",
+    "meteor",
+    "cluster",
+    "dwarf",
+    "giant",
+    "light",
+    "year",
+    "parallax",
+    "spectrum",
+    "redshift",
+    "quasar",
+    "pulsar",
+]
+
+
+def write_toy_folder(
+    folder, seed: int = 0, docs: int = 40, words: tuple[str, ...] | list[str] = TOY_WORDS
+) -> None:
+    """A folder of plain-text documents for a user-style `source: folder` expert."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        (folder / f"note_{i:03d}.txt").write_text(" ".join(rng.choice(words) for _ in range(160)) + ".\n")
+
+
+@pytest.fixture()
+def user_conf(tmp_path, monkeypatch):
+    """A copy of conf/ with one extra user expert `toy` (a folder of text), as MOE_CONFIG_DIR."""
+    import shutil
+
+    from experts.config import config_dir
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config_dir(), conf)
+    write_toy_folder(tmp_path / "toy_texts")
+    (conf / "expert" / "toy.yaml").write_text(
+        "# @package _global_\n"
+        "expert:\n  name: toy\n  description: Astronomy notes written for the tests.\n"
+        f"  data:\n    source: folder\n    path: {tmp_path / 'toy_texts'}\n    licence: CC0\n    split: [0.7, 0.15, 0.15]\n"
+        "  examples: ['what is a pulsar']\n"
+    )
+    monkeypatch.setenv("MOE_CONFIG_DIR", str(conf))
+    monkeypatch.setenv("MOE_ARTIFACTS", str(tmp_path / "artifacts"))
+    return conf
