@@ -152,7 +152,7 @@ def _save_atomically(out: Path, write: Any) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_corpus(spec: ExpertSpec, app: AppConfig, force: bool = False, progress: bool = False) -> Path:
+def build_corpus(spec: ExpertSpec, app: AppConfig, force: bool = False, *, progress: bool = False) -> Path:
     """Fetch, clean, split and save the corpus of one expert; return its folder.
 
     A no-op when the saved card's config hash matches (unless `force`).

@@ -17,8 +17,16 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "data"
 
 
+@pytest.fixture(scope="module")
+def warm_tokenizer(tiny_app):
+    """Load the tokenizer (and datasets) once for the module, not inside the first test."""
+    from experts.data.corpus import _tokenizer
+
+    _tokenizer(tiny_app)
+
+
 @pytest.fixture()
-def app(tiny_app, tmp_path):
+def app(tiny_app, tmp_path, warm_tokenizer):
     """The tiny config with artifacts in a temp folder (the download cache stays shared)."""
     paths = PathsSpec(artifacts=str(tmp_path / "artifacts"), cache=tiny_app.paths.cache)
     return dataclasses.replace(tiny_app, paths=paths)
