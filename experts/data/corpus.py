@@ -34,7 +34,7 @@ from experts.schema import AppConfig, BaseModelSpec, ExpertSpec, PathsSpec
 log = logging.getLogger(__name__)
 
 # Bump when reading, cleaning or splitting changes what a build produces: cached corpora rebuild.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 MIXTURE = "mixture"  # the generalist's source: built by training from the other corpora
 _TOKEN_BATCH = 512
 _TOKENIZERS: dict[str, Any] = {}

@@ -150,9 +150,13 @@ _RST_DROP_BLOCK = {
 }
 _RST_DROP_LINE = {"module", "currentmodule", "sectionauthor", "moduleauthor", "highlight", "tabularcolumns"}
 _RST_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::\s*(.*)$")
-_RST_ROLE = re.compile(r":[\w:-]+:`!?~?([^`<]*?)(?:\s*<[^`>]*>)?`")
+_RST_ROLE = re.compile(r":[\w:-]+:`!?~?([^`<]*?)(?:\s*<[^`>]*>)?`", re.DOTALL)
 _RST_LINK = re.compile(r"`([^`<]+?)\s*<[^`>]*>`__?")
-_RST_INLINE = re.compile(r"``(.+?)``|\*\*(.+?)\*\*|(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])|`([^`]+)`_{0,2}")
+# Inline marks may wrap onto the next line but never cross a blank line.
+_SPAN = r"(?:(?!\n\s*\n)[^`])+?"
+_RST_INLINE = re.compile(
+    rf"``({_SPAN})``|\*\*({_SPAN})\*\*|(?<![\w*])\*(?![\s*])({_SPAN})(?<!\s)\*(?![\w*])|`({_SPAN})`_{{0,2}}"
+)
 _RST_TARGET = re.compile(r"^\s*\.\.\s+(_[^:]+:|\|[^|]+\|).*$|^\s*\.\.\s*$")
 _RST_COMMENT = re.compile(r"^\s*\.\.\s+(?![\w:-]+::)")
 
@@ -198,13 +202,12 @@ def rst_to_text(source: str) -> str:
         if _RST_COMMENT.match(line):
             skip_indent = indent
             continue
-        line = _RST_LINK.sub(r"\1", line)
-        line = _RST_ROLE.sub(r"\1", line)
-        line = _RST_INLINE.sub(lambda g: next(x for x in g.groups() if x is not None), line)
         if line.rstrip().endswith("::"):
             line = line.rstrip()[:-1]
         out.append(line)
-    return "\n".join(out)
+    # Roles, links and inline marks last, on the whole text: they wrap across lines.
+    text = _RST_ROLE.sub(r"\1", _RST_LINK.sub(r"\1", "\n".join(out)))
+    return _RST_INLINE.sub(lambda g: next(x for x in g.groups() if x is not None), text)
 
 
 def rst_title(source: str) -> str:
