@@ -81,6 +81,8 @@ def test_rst_to_text_keeps_prose_and_drops_markup():
     assert "Use newline='' when opening files." in text
     assert "reader(csvfile, dialect='excel', **fmtparams)" in text  # signature of a directive kept
     assert "New in version 3.2." in text
+    assert "Seealso: 305 - CSV File API" in text  # roles inside directive arguments too
+    assert "as bytes-like objects do, and so may inline\ncode." in text  # marks that wrap a line
     assert "Source code: Lib/csv.py" in text  # bold marks and the :source: role dropped
     assert "An example:\n" in text + "\n"  # `::` becomes `:`
     for gone in (":mod:", "``", ".. index", "pair: data", "sectionauthor", "synopsis", "_csv-contents"):
