@@ -80,7 +80,7 @@ def user_conf(tmp_path, monkeypatch):
     (conf / "expert" / "toy.yaml").write_text(
         "# @package _global_\n"
         "expert:\n  name: toy\n  description: Astronomy notes written for the tests.\n"
-        f"  data:\n    source: folder\n    path: {tmp_path / 'toy_texts'}\n    licence: CC0\n    split: [0.7, 0.15, 0.15]\n"
+        f"  data:\n    source: folder\n    path: {tmp_path / 'toy_texts'}\n    licence: CC0\n    split: [0.6, 0.2, 0.2]\n"
         "  examples: ['what is a pulsar']\n"
     )
     monkeypatch.setenv("MOE_CONFIG_DIR", str(conf))

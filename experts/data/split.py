@@ -32,7 +32,20 @@ def assign_splits(docs: Sequence[Document], fractions: Sequence[float]) -> dict[
     out: dict[str, list[Document]] = {name: [] for name in SPLITS}
     for doc in docs:
         out[split_of(doc.group or doc.doc_id, fractions)].append(doc)
+    # A small corpus can leave validation or test empty by chance; an empty split cannot be
+    # evaluated (or even reloaded by `datasets`). Move one whole split unit over from train,
+    # chosen by its hash so the choice is as stable as the split itself.
+    for name in SPLITS[1:]:
+        units = sorted({d.group or d.doc_id for d in out["train"]}, key=_unit_rank)
+        if not out[name] and len(units) > 1:
+            moved = units[-1]
+            out[name] = [d for d in out["train"] if (d.group or d.doc_id) == moved]
+            out["train"] = [d for d in out["train"] if (d.group or d.doc_id) != moved]
     return out
+
+
+def _unit_rank(key: str) -> bytes:
+    return hashlib.sha256((_SALT + "rank:" + key).encode()).digest()
 
 
 def chunk_text(text: str, max_words: int) -> list[str]:

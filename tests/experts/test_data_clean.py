@@ -164,3 +164,15 @@ def test_query_windows_are_deterministic_sized_and_indexed():
 def test_query_windows_reject_bad_sizes():
     with pytest.raises(ValueError, match="positive"):
         query_windows(["a b c"], sizes=[0], per_doc=1, seed=0)
+
+
+def test_small_corpus_never_leaves_validation_or_test_empty():
+    from experts.data.readers import Document
+    from experts.data.split import assign_splits
+
+    # 40 names that hash to 36 train / 0 validation / 4 test with these fractions
+    docs = [Document(doc_id=f"note_{i:03d}.txt", text="x") for i in range(40)]
+    out = assign_splits(docs, (0.7, 0.15, 0.15))
+    assert all(out[name] for name in ("train", "validation", "test"))
+    assert sum(len(v) for v in out.values()) == 40
+    assert assign_splits(docs, (0.7, 0.15, 0.15)) == out  # still deterministic
