@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
 from experts.config import compose
