@@ -76,6 +76,19 @@ COMMANDS: dict[str, Command] = {
         "Data, training, router, serving and one example query per expert, end to end.",
         "moe demo   (DEMO_EXIT=1 exits after the examples)",
     ),
+    "add-expert": Command(
+        "serving.manage:add_expert_command",
+        "Add an expert from its one YAML file: corpus, adapter, router, live endpoint update.",
+        "moe add-expert <slug> [--force] [train=quick]",
+        "Write conf/expert/<slug>.yaml first (see README 'Add your own expert').",
+        positional=True,
+    ),
+    "remove-expert": Command(
+        "serving.manage:remove_expert_command",
+        "Take an expert out: router retrained without it, running endpoint updated.",
+        "moe remove-expert <slug>",
+        positional=True,
+    ),
     "sweep-report": Command(
         "experts.sweeps:sweep_report_command",
         "Tabulate a sweep directory's trials, sorted by validation perplexity.",
