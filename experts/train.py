@@ -50,9 +50,10 @@ class TrainData:
 # Data
 # ------------------------------------------------------------------------------------------------
 def _shuffled_texts(split: Any, seed: int) -> list[str]:
-    order = list(range(len(split)))
+    texts = split["text"]  # one columnar read; row-by-row access is ~1000x slower
+    order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    return [split[i]["text"] for i in order]
+    return [texts[i] for i in order]
 
 
 def domain_blocks(slug: str, app: AppConfig, tokenizer: Any, split: str, n_blocks: int) -> torch.Tensor:
