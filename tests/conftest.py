@@ -86,3 +86,15 @@ def user_conf(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_CONFIG_DIR", str(conf))
     monkeypatch.setenv("MOE_ARTIFACTS", str(tmp_path / "artifacts"))
     return conf
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; everywhere else (CI included) they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (CI has none; run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
