@@ -26,7 +26,8 @@ from experts.schema import AppConfig, PackageRef
 SPLITS = ("train", "validation", "test")
 VIEWS_SHARE = 0.35  # question-style views, as a share of an expert's window budget
 VIEWS_PER_DOC = 6
-TEMPLATE_SHARE = 0.5  # of views wrapped in a question template
+TEMPLATE_SHARE = 0.5
+TITLED_WINDOW_WORDS = (6, 10, 16)  # of views wrapped in a question template
 # Neutral: shared by every class (background included), so none of these words signals a class.
 QUESTION_TEMPLATES = (
     "What is {}?",
@@ -144,6 +145,13 @@ def split_examples(
         for i, text in enumerate(texts):
             doc_views = question_views(text, titles[i] if titles else None)
             pool.extend(rng.sample(doc_views, min(VIEWS_PER_DOC, len(doc_views))))
+            if titles and titles[i]:
+                # The title's subject beside a short run of its text: users name the subject
+                # (a president, a system call, a module) that the text itself rarely spells out.
+                words = text.split()
+                size = rng.choice(TITLED_WINDOW_WORDS)
+                start = rng.randrange(max(1, len(words) - size))
+                pool.append(f"{_clean_line(titles[i])}: {' '.join(words[start : start + size])}")
         pool = list(dict.fromkeys(pool))  # chunks of one document repeat its title
         pool = rng.sample(pool, min(len(pool), int(budget * VIEWS_SHARE)))
         pool = [as_question(v, rng) if rng.random() < TEMPLATE_SHARE else v for v in pool]

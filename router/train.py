@@ -201,6 +201,8 @@ def train_router(app: AppConfig) -> tuple[Router, dict[str, Any]]:
     if len(labels) < 2:
         raise ConfigError(f"the router needs at least two routable experts; config has {labels}")
     spec = app.router
+    if spec.include_feedback:
+        log.warning("router.include_feedback: reviewed corrections are not used by the router yet; ignored")
     started = time.perf_counter()
     train, validation = router_examples(app, labels)
     counts = {label: train.labels.count(label) for label in sorted(set(train.labels))}

@@ -1,0 +1,110 @@
+"""The real default router on real corpora (capped), end to end: train, save, load, route, report.
+
+Corpora come from the registry packages through `experts.data.build_corpus` with a document cap,
+into a session-scoped artifacts folder. Bounds are loose: the quality targets live in
+benchmarks/router_bench.py; here a broken pipeline must fail, a slightly weaker one must not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experts.config import compose
+from experts.data import build_corpus
+from router.metrics import load_natural_questions, natural_question_metrics, routing_report
+from router.model import load_router, routable_labels
+from router.train import train_router
+
+pytestmark = pytest.mark.integration
+
+MAX_DOCUMENTS = 120  # per expert: enough windows for a router, a few seconds to build each corpus
+WINDOWS_PER_EXPERT = 400  # a small router: the test stays near a minute on 2 cores
+
+
+@pytest.fixture(scope="session")
+def corpora_app(tmp_path_factory):
+    """Config whose artifacts folder holds every routable expert's corpus: the ones `moe data`
+    already built in the default artifacts folder (linked, only read), else a capped build."""
+    built = compose([]).paths
+    artifacts = tmp_path_factory.mktemp("router_artifacts")
+    app = compose([f"paths.artifacts={artifacts}", f"router.max_windows_per_expert={WINDOWS_PER_EXPERT}"])
+    for spec in app.experts:
+        if not spec.routable:
+            continue
+        existing, target = built.data_dir(spec.name), app.paths.data_dir(spec.name)
+        if (existing / "card.json").exists() and (existing / "dataset").is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(existing.resolve(), target_is_directory=True)
+        else:
+            data = dataclasses.replace(spec.data, max_documents=MAX_DOCUMENTS)
+            build_corpus(dataclasses.replace(spec, data=data), app)
+    return app
+
+
+@pytest.fixture(scope="session")
+def trained(corpora_app):
+    router, metrics = train_router(corpora_app)
+    return corpora_app, router, metrics
+
+
+def test_train_router_saves_a_loadable_router(trained):
+    app, router, metrics = trained
+    files = {p.name for p in app.paths.router_dir.iterdir()}
+    assert {"router.json", "router.safetensors", "metrics.json", "config.json"} <= files
+    assert router.labels == routable_labels(app) and "generalist" not in router.labels
+    assert router.pipeline == app.router.pipeline and router.background
+    assert 0.0 < router.threshold < 1.0
+    assert metrics["accepted_accuracy"] >= app.router.target_accuracy - 0.02
+    assert metrics["accuracy_top1_by_words"]["64"] > 0.85
+    loaded = load_router(app)
+    assert loaded.labels == router.labels and loaded.threshold == router.threshold
+
+
+def test_natural_questions_route_to_their_expert(trained):
+    _, router, _ = trained
+    result = natural_question_metrics(router, load_natural_questions())
+    assert result["in_domain"] >= 6 * 15 and result["off_topic"] >= 15
+    assert result["in_domain_top1_accuracy"] >= 0.75, result["misses"]
+    assert result["in_domain_accuracy"] >= 0.6, result["misses"]
+    assert result["off_topic_fallback_rate"] >= 0.4, result["off_topic_routed"]
+    assert result["in_domain_fallback_rate"] <= 0.35
+
+
+def test_routing_report_writes_numbers_and_plots(trained, tmp_path):
+    app, router, _ = trained
+    report = routing_report(app, router, tmp_path, words=(8, 32), per_size=40)
+    assert set(report["test_windows"]) == {"8", "32"}
+    m32 = report["test_windows"]["32"]
+    assert m32["accuracy"] > 0.8 and len(m32["confusion"]) == len(router.labels)
+    assert 0.0 <= m32["ece"] < 0.2
+    assert report["latency"]["p50_ms"] > 0 and report["latency"]["throughput_qps"] > 10
+    for name in ("routing.json", "routing_confusion.png", "routing_coverage.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "routing.json").read_text())["labels"] == router.labels
+
+
+def test_moe_route_command(trained):
+    app, _, _ = trained
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "route",
+            f"paths.artifacts={app.paths.artifacts}",
+            "How do I parse command line arguments with argparse in Python?",
+            "What is a good recipe for banana bread?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [set(r) for r in rows] == [{"expert", "confidence", "decision", "probabilities"}] * 2
+    assert rows[0]["expert"] == "python_docs" and rows[1]["decision"] == "fallback"
