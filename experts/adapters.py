@@ -200,8 +200,12 @@ class ExpertPool:
         adapters: Sequence[str],
         past_key_values: Any = None,
         position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> Any:
-        """One forward pass; row i uses adapter `adapters[i]` (`base`/`__base__` = no adapter)."""
+        """One forward pass; row i uses adapter `adapters[i]` (`base`/`__base__` = no adapter).
+
+        logits_to_keep=1 computes logits of the last position only (decoding: a prefill would
+        otherwise materialise [rows, T, vocab] logits it never reads)."""
         names = [_PEFT_BASE if a == BASE else a for a in adapters]
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
@@ -211,6 +215,8 @@ class ExpertPool:
         }
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.to(self.device)
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         with self._lock, self.autocast():
             if hasattr(self.model, "peft_config"):
                 return self.model(**kwargs, adapter_names=names)

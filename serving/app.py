@@ -1,0 +1,660 @@
+"""The Ray Serve application: an ingress (FastAPI, OpenAI-compatible) and the expert pool(s).
+
+HTTP -> ingress (validates, routes in-process with the router, applies the chat template) ->
+expert pool deployment (base weights once + every LoRA adapter; `@serve.batch` collects
+concurrent requests and decodes them together, one forward pass per step for all experts) ->
+streamed deltas back through the ingress. An expert with `serving.dedicated: true` gets its own
+pool deployment with its own resources. Everything about placement comes from `conf/serve/` and
+the experts' files, so the same app spreads over GPUs or nodes by config alone.
+
+`build_app(app)` is the typed builder; `start_server(app) -> url` / `stop_server()` (or the
+`running_server(app)` context manager) run it programmatically; `moe serve` runs it until Ctrl-C.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from experts.adapters import BASE, adapter_dir, check_adapter
+from experts.errors import ArtifactError, ConfigError, MoeError, UnknownExpertError
+from experts.schema import AppConfig, ExpertSpec, GenerationSpec, ResourceSpec
+from serving.api import (
+    AUTO,
+    RETRY_AFTER_S,
+    AuthError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OverloadedError,
+    RequestError,
+    RouteRequest,
+    UnavailableError,
+    error_body,
+    error_of,
+    now,
+)
+from serving.engine import Delta, GenerationRequest, SamplingParams
+
+log = logging.getLogger("serving")
+APP_NAME = "moe"
+ROUTING_KEYS = ("expert", "experts", "confidence", "decision")
+
+
+# --------------------------------------------------------------------------------------------
+# Expert pool deployment
+# --------------------------------------------------------------------------------------------
+@serve.deployment
+class ExpertPoolDeployment:
+    """The base model once and the adapters of `names`; mixed-expert batches, streamed per step."""
+
+    def __init__(
+        self, app: AppConfig, names: list[str], torch_threads: int, max_batch_size: int, batch_wait_s: float
+    ):
+        import torch
+
+        from experts.adapters import ExpertPool
+
+        torch.set_num_threads(torch_threads)  # replicas share cores; oversubscribed threads fight
+        self.pool = ExpertPool.load(app, names, strict=False)
+        if self.pool.dtype != torch.float32:
+            # Weights in bf16: decoding reads every weight once per step, so half the bytes is
+            # ~2x the batch-1 speed (autocast alone keeps fp32 weights and casts them every step).
+            self.pool.model.to(self.pool.dtype)
+        self._decode_batch.set_max_batch_size(max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
+        log.info("expert pool ready: %s on %s (%s)", self.pool.names(), self.pool.device, self.pool.dtype)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream one request's deltas (call with `handle.options(stream=True)`)."""
+        # A plain async generator in front of the batched one: Ray Serve 2.60 treats the
+        # `@serve.batch` wrapper of a generator as a sync method and refuses to stream it.
+        async for delta in self._decode_batch(request):
+            yield delta
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _decode_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
+        """Decode the batch; each step yields one Delta per request (StopIteration once it ended)."""
+        from serving.engine import decode
+
+        steps = decode(self.pool, requests)
+        while True:
+            # Torch runs in a worker thread so the event loop keeps accepting requests meanwhile.
+            step = await asyncio.to_thread(next, steps, None)
+            if step is None:
+                return
+            yield [StopIteration if d is None else d for d in step]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "experts": list(self.pool.adapters),
+            "failed": dict(self.pool.failed),
+            "device": self.pool.device,
+            "dtype": str(self.pool.dtype).removeprefix("torch."),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Ingress deployment (FastAPI)
+# --------------------------------------------------------------------------------------------
+api = FastAPI(title="moe-experts", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        param = None
+    else:
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(where) or None
+        message = f"invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}"
+    return JSONResponse(
+        error_body(message, "invalid_request_error", param, first.get("type")), status_code=400
+    )
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """Validates, routes in-process, tokenises, and hands requests to the expert pool(s)."""
+
+    def __init__(
+        self,
+        app: AppConfig,
+        pools: dict[str, DeploymentHandle],
+        placement: dict[str, str],
+        api_keys: list[str],
+    ):
+        import torch
+
+        from experts.base_model import load_tokenizer
+        from serving.metrics import Metrics
+
+        torch.set_num_threads(app.serve.ingress.torch_threads)
+        self.config = app
+        self.pools = pools
+        self.placement = placement  # served model name ("base" or a slug) -> pool deployment
+        self.api_keys = set(api_keys)
+        self.specs: dict[str, ExpertSpec] = {e.name: e for e in app.experts if e.name in placement}
+        self.tokenizer = load_tokenizer(app.base_model, app.paths)
+        self.metrics = Metrics()
+        self.router: Any = None
+        self.router_error = ""
+        try:
+            from router.model import load_router
+
+            self.router = load_router(app)
+        except MoeError as exc:  # the endpoint still serves named experts; `auto` answers 503
+            self.router_error = str(exc)
+            log.error("router unavailable: %s", exc)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _models(self) -> list[str]:
+        return [AUTO, BASE, *sorted(self.specs)]
+
+    def _auth(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        if header.removeprefix("Bearer ").strip() not in self.api_keys:
+            raise AuthError("missing or invalid API key (Authorization: Bearer <key>)")
+
+    async def _decide(self, model: str, text: str) -> Any:
+        from router.model import RoutingDecision
+
+        if model == AUTO:
+            if self.router is None:
+                raise UnavailableError(f"model 'auto' needs the router: {self.router_error}")
+            # A linear classifier call: cheaper in-process than a network hop; a thread keeps
+            # the event loop free for slower (embedding) pipelines.
+            (decision,) = await asyncio.to_thread(self.router.decide, [text])
+            self.metrics.routed(decision.confidence, decision.decision)
+            return decision
+        if model not in self.placement:
+            raise UnknownExpertError(model, self._models())
+        return RoutingDecision.forced(model)
+
+    def _generation(self, name: str) -> GenerationSpec:
+        spec = self.specs.get(name)
+        return spec.generation if spec else GenerationSpec()
+
+    def _prompt_ids(self, body: ChatCompletionRequest | CompletionRequest, gen: GenerationSpec) -> list[int]:
+        if isinstance(body, CompletionRequest):
+            ids = self.tokenizer(body.text(), add_special_tokens=True).input_ids
+            param = "prompt"
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            for m in messages:
+                if m["role"] == "developer":
+                    m["role"] = "system"
+            if not any(m["role"] == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": gen.system_prompt})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            param = "messages"
+        limit = self.config.serve.max_prompt_tokens
+        if len(ids) > limit:
+            raise RequestError(
+                f"prompt is {len(ids)} tokens; this server accepts at most {limit} (serve.max_prompt_tokens)",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if not ids:
+            raise RequestError("the prompt is empty", param=param)
+        return ids
+
+    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest, gen: GenerationSpec) -> int:
+        limit = self.config.serve.max_tokens_limit
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if asked is not None and asked > limit:
+            raise RequestError(
+                f"max_tokens {asked} exceeds this server's limit of {limit} (serve.max_tokens_limit)",
+                param="max_tokens",
+            )
+        return asked or min(gen.max_new_tokens, limit)
+
+    def _target(self, decision: Any) -> tuple[DeploymentHandle, dict[str, float]]:
+        """The pool that serves the decision and the mixture weights it can serve there."""
+        missing = [name for name in decision.experts if name not in self.placement]
+        if decision.expert not in self.placement:
+            raise UnavailableError(
+                f"expert {decision.expert!r} has no adapter loaded; run `moe train expert={decision.expert}`"
+            )
+        where = self.placement[decision.expert]
+        experts = {k: v for k, v in decision.experts.items() if self.placement.get(k) == where}
+        if missing or len(experts) < len(decision.experts):
+            log.warning("mixture %s served as %s (other experts live elsewhere)", decision.experts, experts)
+        return self.pools[where], experts
+
+    def _error(self, exc: BaseException, rid: str) -> JSONResponse:
+        if isinstance(exc, BackPressureError):
+            exc = OverloadedError(f"the server is at capacity; retry in {RETRY_AFTER_S} s")
+        status, body = error_of(exc)
+        headers = {"X-Request-Id": rid}
+        if status == 503:
+            headers["Retry-After"] = str(RETRY_AFTER_S)
+        if status == 500:
+            log.exception("request %s failed", rid, exc_info=exc)
+            body["error"]["message"] = f"internal error (request id {rid}); the server log has the details"
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    # -- the generation path ---------------------------------------------------------------
+    async def _complete(self, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
+        rid = uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        chat = isinstance(body, ChatCompletionRequest)
+        decision: Any = None
+        try:
+            self._auth(request)
+            if body.n != 1:
+                raise RequestError("only n=1 is supported", param="n")
+            if chat:
+                users = [m.text() for m in body.messages if m.role == "user"]
+                route_text = users[-1] if users else body.messages[-1].text()
+            else:
+                route_text = body.text()
+            decision = await self._decide(body.model, route_text)
+            gen = self._generation(decision.expert)
+            max_tokens = self._max_tokens(body, gen)
+            prompt = self._prompt_ids(body, gen)
+            handle, experts = self._target(decision)
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=gen.temperature if body.temperature is None else body.temperature,
+                top_p=gen.top_p if body.top_p is None else body.top_p,
+                repetition_penalty=gen.repetition_penalty,
+                stop=body.stops(),
+            )
+            stream = handle.options(stream=True).generate.remote(
+                GenerationRequest(tuple(prompt), experts, params)
+            )
+            first: Delta = (
+                await stream.__anext__()
+            )  # queue-full and pool errors surface here, before any byte
+        except Exception as exc:  # the top of a request: every failure becomes one typed HTTP error
+            response = self._error(exc, rid)
+            expert = decision.expert if decision is not None else body.model
+            self.metrics.finished(expert, getattr(decision, "decision", "none"), response.status_code, 0.0)
+            return response
+        routing = {k: getattr(decision, k) for k in ROUTING_KEYS}
+        headers = {"X-MoE-Expert": decision.expert, "X-Request-Id": rid}
+        meta = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
+            "created": now(),
+            "model": decision.expert,
+        }
+
+        def done(tokens: int, status: int = 200) -> None:
+            self.metrics.finished(
+                decision.expert, decision.decision, status, time.perf_counter() - started, len(prompt), tokens
+            )
+
+        if body.stream:
+            return StreamingResponse(
+                self._events(stream, first, meta, routing, chat, len(prompt), body, done),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        text, last = first.text, first
+        try:
+            async for delta in stream:
+                text += delta.text
+                last = delta
+        except Exception as exc:
+            done(last.completion_tokens, 500)
+            return self._error(exc, rid)
+        done(last.completion_tokens)
+        usage = {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": last.completion_tokens,
+            "total_tokens": len(prompt) + last.completion_tokens,
+        }
+        finish = last.finish_reason or "length"
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            payload = {**meta, "object": "chat.completion", "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            payload = {**meta, "object": "text_completion", "choices": [choice]}
+        return JSONResponse({**payload, "usage": usage, "routing": routing}, headers=headers)
+
+    async def _events(
+        self,
+        stream: Any,
+        first: Delta,
+        meta: dict[str, Any],
+        routing: dict[str, Any],
+        chat: bool,
+        prompt_tokens: int,
+        body: Any,
+        done: Any,
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format; the first chunk carries `routing`."""
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {} if text is None else {"content": text}
+                if extra.pop("role", False):
+                    delta["role"] = "assistant"
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return {**meta, "object": obj, "choices": [choice], **extra}
+
+        last = first
+        try:
+            yield _sse(chunk("", None, role=True, routing=routing))
+            pending: list[Delta] = [first]
+            while True:
+                for delta in pending:
+                    last = delta
+                    if delta.text:
+                        yield _sse(chunk(delta.text, None))
+                if last.finish_reason:
+                    break
+                try:
+                    pending = [await stream.__anext__()]
+                except StopAsyncIteration:
+                    break
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "total_tokens": prompt_tokens + last.completion_tokens,
+            }
+            yield _sse(chunk(None, last.finish_reason or "length", usage=usage))
+            yield "data: [DONE]\n\n"
+            done(last.completion_tokens)
+        except Exception:  # headers are gone: report in-band, as OpenAI does
+            rid = meta["id"].split("-", 1)[1]
+            log.exception("stream %s failed", rid)
+            done(last.completion_tokens, 500)
+            yield _sse(error_body(f"internal error during streaming (request id {rid})", "server_error"))
+
+    # -- routes ------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "router": self.router is not None, "experts": sorted(self.specs)}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Any:
+        try:
+            self._auth(request)
+        except AuthError as exc:
+            return self._error(exc, "-")
+        created = now()
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "moe-experts",
+                "description": desc,
+            }
+            for name, desc in [
+                (AUTO, "the router picks the expert (or a mixture, or the fallback)"),
+                (BASE, f"the base model {self.config.base_model.name} without adapters"),
+                *[(s.name, s.description) for s in sorted(self.specs.values(), key=lambda s: s.name)],
+            ]
+        ]
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/route")
+    async def route(self, body: RouteRequest, request: Request) -> Any:
+        rid = uuid.uuid4().hex[:16]
+        try:
+            self._auth(request)
+            text = body.text
+            if text is None and body.messages:
+                users = [m.text() for m in body.messages if m.role == "user"]
+                text = users[-1] if users else body.messages[-1].text()
+            if not text:
+                raise RequestError("give `text` or `messages` to route", param="text")
+            if self.router is None:
+                raise UnavailableError(f"no router: {self.router_error}")
+            (decision,) = await asyncio.to_thread(self.router.decide, [text], body.policy)
+            return JSONResponse(decision.to_dict(), headers={"X-MoE-Expert": decision.expert})
+        except Exception as exc:  # top of a request
+            return self._error(exc, rid)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        return await self._complete(body, request)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        return await self._complete(body, request)
+
+
+# --------------------------------------------------------------------------------------------
+# Builder
+# --------------------------------------------------------------------------------------------
+def deployment_options(res: ResourceSpec, name: str) -> dict[str, Any]:
+    """Ray Serve options of one deployment from its ResourceSpec."""
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+        "max_ongoing_requests": res.max_ongoing_requests,
+        "max_queued_requests": res.max_queued_requests,
+    }
+    if res.autoscaling:
+        options["autoscaling_config"] = dict(res.autoscaling)
+    else:
+        options["num_replicas"] = res.num_replicas
+    return options
+
+
+def served_experts(app: AppConfig) -> tuple[list[str], dict[str, str]]:
+    """Experts whose adapter is complete, and why the others are left out."""
+    ok, missing = [], {}
+    for spec in app.experts:
+        try:
+            check_adapter(spec.name, adapter_dir(spec, app.paths))
+            ok.append(spec.name)
+        except ArtifactError as exc:
+            missing[spec.name] = str(exc)
+    return ok, missing
+
+
+def api_keys(app: AppConfig) -> list[str]:
+    """Accepted API keys: $<serve.api_keys_env> (comma-separated) plus serve.api_keys_file lines."""
+    keys = [k.strip() for k in os.environ.get(app.serve.api_keys_env, "").split(",") if k.strip()]
+    if app.serve.api_keys_file:
+        path = os.path.expanduser(app.serve.api_keys_file)
+        try:
+            with open(path) as fh:
+                keys += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            raise ConfigError(f"serve.api_keys_file {path!r} cannot be read: {exc}") from exc
+    return keys
+
+
+def build_app(app: AppConfig) -> serve.Application:
+    """The typed builder: ingress + one pool per base model + one deployment per dedicated expert.
+
+    Refuses duplicate expert slugs and deployment names. Experts without a complete adapter are
+    left out with a warning (requests naming them get 404; the router's picks of them get 503).
+    """
+    names = app.expert_names()
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"expert(s) {dupes} are configured twice; each slug may appear once")
+    ok, missing = served_experts(app)
+    for name, reason in missing.items():
+        log.warning("not serving %s: %s", name, reason)
+    specs = {e.name: e for e in app.experts}
+    serve_cfg = app.serve
+    pool_name = f"pool_{app.base_model.name}"
+    shared = [n for n in ok if not specs[n].serving.dedicated]
+    deployments = {
+        pool_name: ExpertPoolDeployment.options(**deployment_options(serve_cfg.pool, pool_name)).bind(
+            app,
+            shared,
+            serve_cfg.pool.torch_threads,
+            serve_cfg.max_batch_size,
+            serve_cfg.batch_wait_timeout_s,
+        )
+    }
+    placement = {BASE: pool_name, **{n: pool_name for n in shared}}
+    for name in (n for n in ok if specs[n].serving.dedicated):
+        res = specs[name].serving.resources
+        dep = f"expert_{name}"
+        if dep in deployments or dep == "ingress":
+            raise ConfigError(f"deployment name {dep!r} is used twice; rename expert {name!r}")
+        deployments[dep] = ExpertPoolDeployment.options(**deployment_options(res, dep)).bind(
+            app, [name], res.torch_threads, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s
+        )
+        placement[name] = dep
+    return Ingress.options(**deployment_options(serve_cfg.ingress, "ingress")).bind(
+        app, deployments, placement, api_keys(app)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------------------------
+_RUNNING: dict[str, Any] = {}  # what start_server started, so stop_server stops only that
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """ray.init to a dead address hangs for minutes: fail in seconds instead."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 10001
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"serve.ray_address {address!r}: nothing answers at {host}:{port} ({exc})") from exc
+
+
+def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise MoeError(f"the endpoint at {url} did not become healthy within {timeout_s:.0f} s")
+        time.sleep(0.25)
+
+
+def start_server(app: AppConfig, *, name: str = APP_NAME) -> str:
+    """Start (or join) Ray, deploy the app on serve.host:serve.port; return the base URL (…/v1).
+
+    Starts a local Ray instance unless serve.ray_address names a cluster or Ray is already
+    initialised in this process. Returns once /health answers.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if _RUNNING:
+        raise MoeError(f"a server is already running at {_RUNNING['url']}; stop_server() first")
+    application = build_app(app)  # config errors before anything starts
+    cfg = app.serve
+    started_ray = False
+    if not ray.is_initialized():
+        if cfg.ray_address:
+            _check_reachable(cfg.ray_address)
+            ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+        else:
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                object_store_memory=cfg.object_store_mb * 2**20,
+                logging_level=logging.WARNING,
+            )
+        started_ray = True
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(application, name=name, route_prefix="/", blocking=False)
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        url = f"http://{host}:{cfg.port}"
+        _wait_healthy(url)
+    except BaseException:
+        _shutdown(name, started_ray, joined=bool(cfg.ray_address))
+        raise
+    _RUNNING.update(url=f"{url}/v1", name=name, started_ray=started_ray, joined=bool(cfg.ray_address))
+    return f"{url}/v1"
+
+
+def _shutdown(name: str, started_ray: bool, joined: bool) -> None:
+    import ray
+
+    with contextlib.suppress(Exception):
+        if joined:
+            serve.delete(name)  # on a shared cluster, only our application
+        else:
+            serve.shutdown()
+    if started_ray:
+        ray.shutdown()
+
+
+def stop_server() -> None:
+    """Stop what start_server started: the app (and Serve and Ray when it started them)."""
+    if not _RUNNING:
+        return
+    _shutdown(_RUNNING["name"], _RUNNING["started_ray"], _RUNNING["joined"])
+    _RUNNING.clear()
+
+
+@contextlib.contextmanager
+def running_server(app: AppConfig, *, name: str = APP_NAME) -> Iterator[str]:
+    """`with running_server(app) as url:` - the endpoint for the block, stopped afterwards."""
+    url = start_server(app, name=name)
+    try:
+        yield url
+    finally:
+        stop_server()
+
+
+def serve_command(app: AppConfig, ctx: Any) -> None:
+    """`moe serve`: run the endpoint until Ctrl-C (or SIGTERM), then stop what it started."""
+    import signal
+
+    url = start_server(app)
+    ok, missing = served_experts(app)
+    print(f"serving {len(ok)} expert(s) at {url}  (models: {[AUTO, BASE, *ok]})", flush=True)
+    for name in missing:
+        print(f"  not serving {name!r}: no adapter (run `moe train expert={name}`)")
+    print(
+        f"try: curl -s {url}/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"model": "auto", "messages": [{"role": "user", "content": "What does fork() return?"}]}\''
+        "\nCtrl-C stops.",
+        flush=True,
+    )
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        while not stopped.is_set():
+            stopped.wait(1.0)
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
+    finally:
+        stop_server()

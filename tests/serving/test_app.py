@@ -1,0 +1,180 @@
+"""The real Ray Serve app on 127.0.0.1:8123 (tiny base, tiny real adapters, a trained router),
+driven through the official `openai` client and plain HTTP. Started once for the module."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+
+from tests.serving.conftest import SERVED, serve_config
+
+pytestmark = pytest.mark.serve
+PORT = 8123
+
+
+@pytest.fixture(scope="module")
+def url(serve_artifacts):
+    from serving.app import start_server, stop_server
+
+    app = serve_config(
+        serve_artifacts,
+        f"serve.port={PORT}",
+        "serve.max_prompt_tokens=128",
+        "serve.max_tokens_limit=32",
+        "serve.pool.num_cpus=0.5",
+        "serve.pool.torch_threads=1",
+        "serve.ingress.num_cpus=0.1",
+        "serve.max_batch_size=32",
+    )
+    base = start_server(app)
+    yield base
+    stop_server()
+    import ray
+
+    assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
+
+
+def routing(reply) -> dict:
+    return (reply.model_extra or {})["routing"]
+
+
+def test_models_lists_every_expert_plus_auto_and_base(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["auto", "base", *sorted(SERVED)]
+
+
+def test_chat_forced_expert(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="legal",
+        messages=[{"role": "user", "content": "Who may sublicense this?"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    reply = raw.parse()
+    assert raw.headers["x-moe-expert"] == "legal"
+    assert routing(reply) == {
+        "expert": "legal",
+        "experts": {"legal": 1.0},
+        "confidence": 1.0,
+        "decision": "forced",
+    }
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
+    assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
+
+
+def test_auto_routes_and_reports_the_decision(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "what dose of insulin did the clinical trial cohort get"}],
+        max_tokens=4,
+    )
+    r = routing(raw.parse())
+    assert set(r) == {"expert", "experts", "confidence", "decision"}
+    assert r["expert"] == "biomedical" and r["decision"] == "routed" and 0 < r["confidence"] <= 1
+    assert raw.headers["x-moe-expert"] == "biomedical"
+
+
+def test_greedy_is_deterministic_and_matches_completions_base(client):
+    kwargs = {"model": "base", "prompt": "def main():", "max_tokens": 6, "temperature": 0}
+    first, second = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert first.choices[0].text == second.choices[0].text
+    assert routing(first)["expert"] == "base" and first.usage.completion_tokens == 6
+
+
+def test_chat_streaming(client):
+    stream = client.chat.completions.create(
+        model="python_docs",
+        messages=[{"role": "user", "content": "What does asyncio.gather return?"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    chunks = list(stream)
+    assert (chunks[0].model_extra or {})["routing"]["expert"] == "python_docs"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    whole = client.chat.completions.create(
+        model="python_docs",
+        messages=[{"role": "user", "content": "What does asyncio.gather return?"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert text == whole.choices[0].message.content
+
+
+def test_completions_streaming(client):
+    chunks = list(client.completions.create(model="legal", prompt="The licensee", max_tokens=5, stream=True))
+    assert (chunks[0].model_extra or {})["routing"]["decision"] == "forced"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks)
+
+
+def test_route_endpoint_and_health(url):
+    root = url.removesuffix("/v1")
+    assert httpx.get(f"{root}/health").json()["status"] == "ok"
+    reply = httpx.post(f"{url}/route", json={"text": "copyright notice and warranty terms"})
+    assert reply.status_code == 200 and reply.json()["expert"] == "legal"
+    assert set(reply.json()["probabilities"]) == set(SERVED)
+
+
+def test_unknown_model_is_404_listing_models(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="lgal", messages=[{"role": "user", "content": "hi"}])
+    body = err.value.body
+    assert body["code"] == "model_not_found" and "'lgal'" in body["message"] and "legal" in body["message"]
+
+
+def test_too_long_prompt_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="base", prompt="word " * 500, max_tokens=4)
+    assert "serve.max_prompt_tokens" in err.value.body["message"]
+    assert err.value.body["code"] == "context_length_exceeded"
+
+
+def test_max_tokens_over_the_limit_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=999
+        )
+    assert err.value.body["param"] == "max_tokens" and "limit of 32" in err.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "content,param",
+    [
+        ('{"model": "auto", "messages": [', None),
+        ('{"model": "auto"}', "messages"),
+        ('{"messages": "x"}', "messages"),
+    ],
+)
+def test_malformed_bodies_are_400_in_openai_shape(url, content, param):
+    reply = httpx.post(
+        f"{url}/chat/completions", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_32_concurrent_requests_all_answer(client):
+    def ask(i: int):
+        model = ["auto", "base", *SERVED][i % 5]
+        return client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"question {i} about gene therapy"}],
+            max_tokens=8,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(ask, range(32)))
+    assert len(replies) == 32
+    assert all(r.usage.completion_tokens > 0 and routing(r)["expert"] for r in replies)
