@@ -106,6 +106,7 @@ class Router:
             )
         self.features = features
         self.coef = np.asarray(coef, dtype=np.float32)
+        self._coef_t = np.ascontiguousarray(self.coef.T)  # features x classes, for sparse @ dense
         self.intercept = np.asarray(intercept, dtype=np.float32)
         self.background = background
         self.temperature = float(temperature)
@@ -128,7 +129,7 @@ class Router:
     # ---------------------------------------------------------------------------------------
     def logits(self, x: Any) -> np.ndarray:
         """Uncalibrated class scores (n x classes) of a feature matrix."""
-        return np.asarray(x @ self.coef.T) + self.intercept
+        return np.asarray(x @ self._coef_t) + self.intercept
 
     def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities over all classes and each text's nearest-prototype similarity."""
