@@ -84,6 +84,7 @@ class _Body(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: decode exactly max_tokens (benchmarks)
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -13,6 +13,7 @@ the experts' files, so the same app spreads over GPUs or nodes by config alone.
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -48,11 +50,25 @@ from serving.api import (
     error_of,
     now,
 )
-from serving.engine import Delta, GenerationRequest, SamplingParams
+from serving.engine import Delta, GenerationRequest, SamplingParams, adapter_version
 
 log = logging.getLogger("serving")
 APP_NAME = "moe"
 ROUTING_KEYS = ("expert", "experts", "confidence", "decision")
+
+
+# Defined before the deployments: Ray Serve pickles a deployment class by value when it is
+# decorated, so module functions its methods call must already exist then.
+def served_experts(app: AppConfig) -> tuple[list[str], dict[str, str]]:
+    """Experts whose adapter is complete, and why the others are left out."""
+    ok, missing = [], {}
+    for spec in app.experts:
+        try:
+            check_adapter(spec.name, adapter_dir(spec, app.paths))
+            ok.append(spec.name)
+        except ArtifactError as exc:
+            missing[spec.name] = str(exc)
+    return ok, missing
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,13 +87,29 @@ class ExpertPoolDeployment:
 
         torch.set_num_threads(torch_threads)  # replicas share cores; oversubscribed threads fight
         self.pool = ExpertPool.load(app, names, strict=False)
-        if self.pool.dtype != torch.float32:
-            # Weights in bf16: decoding reads every weight once per step, so half the bytes is
-            # ~2x the batch-1 speed (autocast alone keeps fp32 weights and casts them every step).
-            self.pool.model.to(self.pool.dtype)
+        self._cast()
+        self.versions = {name: adapter_version(folder) for name, folder in self.pool.adapters.items()}
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
         log.info("expert pool ready: %s on %s (%s)", self.pool.names(), self.pool.device, self.pool.dtype)
+
+    def _cast(self) -> None:
+        import torch
+
+        if self.pool.dtype != torch.float32:
+            # Weights in bf16: decoding reads every weight once per step, so half the bytes
+            # (autocast alone would keep fp32 weights and cast them at every step).
+            self.pool.model.to(self.pool.dtype)
+
+    def _ensure_adapters(self, requests: list[GenerationRequest]) -> None:
+        """Load adapters this replica lacks (added or retrained since it started)."""
+        for request in requests:
+            for name, (folder, version) in request.adapters.items():
+                if self.versions.get(name) != version:
+                    self.pool.add(name, Path(folder))
+                    self._cast()
+                    self.versions[name] = version
+                    log.info("loaded adapter %s from %s", name, folder)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream one request's deltas (call with `handle.options(stream=True)`)."""
@@ -91,6 +123,7 @@ class ExpertPoolDeployment:
         """Decode the batch; each step yields one Delta per request (StopIteration once it ended)."""
         from serving.engine import decode
 
+        await asyncio.to_thread(self._ensure_adapters, requests)
         steps = decode(self.pool, requests)
         while True:
             # Torch runs in a worker thread so the event loop keeps accepting requests meanwhile.
@@ -156,6 +189,10 @@ class Ingress:
         self.placement = placement  # served model name ("base" or a slug) -> pool deployment
         self.api_keys = set(api_keys)
         self.specs: dict[str, ExpertSpec] = {e.name: e for e in app.experts if e.name in placement}
+        self.sources = self._sources(app, self.specs)
+        from experts.config import expert_files
+
+        self.files_at_start = set(expert_files())  # files the config chose from when it was composed
         self.tokenizer = load_tokenizer(app.base_model, app.paths)
         self.metrics = Metrics()
         self.router: Any = None
@@ -169,6 +206,11 @@ class Ingress:
             log.error("router unavailable: %s", exc)
 
     # -- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _sources(app: AppConfig, specs: dict[str, ExpertSpec]) -> dict[str, tuple[str, float]]:
+        folders = {name: adapter_dir(spec, app.paths) for name, spec in specs.items()}
+        return {name: (str(folder), adapter_version(folder)) for name, folder in folders.items()}
+
     def _models(self) -> list[str]:
         return [AUTO, BASE, *sorted(self.specs)]
 
@@ -284,10 +326,12 @@ class Ingress:
                 top_p=gen.top_p if body.top_p is None else body.top_p,
                 repetition_penalty=gen.repetition_penalty,
                 stop=body.stops(),
+                ignore_eos=body.ignore_eos,
             )
-            stream = handle.options(stream=True).generate.remote(
-                GenerationRequest(tuple(prompt), experts, params)
-            )
+            # The adapter versions let a replica that lacks one (added while serving) load it first.
+            adapters = {k: self.sources[k] for k in experts if k in self.sources}
+            request_ = GenerationRequest(tuple(prompt), experts, params, adapters)
+            stream = handle.options(stream=True).generate.remote(request_)
             first: Delta = (
                 await stream.__anext__()
             )  # queue-full and pool errors surface here, before any byte
@@ -437,6 +481,46 @@ class Ingress:
         except Exception as exc:  # top of a request
             return self._error(exc, rid)
 
+    def _reload(self) -> dict[str, Any]:
+        """Re-read the expert files and the router; new adapters load on first use in each replica."""
+        from experts.config import expert_files, load_expert_file
+        from router.model import load_router
+
+        files = expert_files()
+        chosen = {e.name for e in self.config.experts} | (set(files) - self.files_at_start)
+        app = dataclasses.replace(
+            self.config, experts=tuple(load_expert_file(files[n]) for n in sorted(chosen & set(files)))
+        )
+        ok, missing = served_experts(app)
+        router = load_router(app)  # refuses a router trained for other experts; the old one stays
+        pool = self.placement[BASE]
+        placement = {
+            BASE: pool,
+            **{n: self.placement.get(n, pool) for n in ok},
+        }  # new experts: the shared pool
+        specs = {e.name: e for e in app.experts if e.name in placement}
+        before = set(self.specs)
+        self.sources = self._sources(app, specs)
+        self.config, self.specs, self.placement = app, specs, placement
+        self.router, self.router_error = router, ""
+        log.info("reloaded: experts %s", sorted(specs))
+        return {
+            "experts": sorted(specs),
+            "added": sorted(set(specs) - before),
+            "removed": sorted(before - set(specs)),
+            "not_served": missing,
+        }
+
+    @api.post("/admin/reload")
+    async def reload(self, request: Request) -> Any:
+        """Pick up added, retrained or removed experts and a retrained router without downtime."""
+        rid = uuid.uuid4().hex[:16]
+        try:
+            self._auth(request)
+            return await asyncio.to_thread(self._reload)
+        except Exception as exc:  # top of a request
+            return self._error(exc, rid)
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         return await self._complete(body, request)
@@ -462,18 +546,6 @@ def deployment_options(res: ResourceSpec, name: str) -> dict[str, Any]:
     else:
         options["num_replicas"] = res.num_replicas
     return options
-
-
-def served_experts(app: AppConfig) -> tuple[list[str], dict[str, str]]:
-    """Experts whose adapter is complete, and why the others are left out."""
-    ok, missing = [], {}
-    for spec in app.experts:
-        try:
-            check_adapter(spec.name, adapter_dir(spec, app.paths))
-            ok.append(spec.name)
-        except ArtifactError as exc:
-            missing[spec.name] = str(exc)
-    return ok, missing
 
 
 def api_keys(app: AppConfig) -> list[str]:

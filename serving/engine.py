@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # HF convention: > 1 discourages tokens already seen
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
+    ignore_eos: bool = False  # decode exactly max_tokens (benchmarks; vLLM's extension of the API)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,14 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     experts: Mapping[str, float]  # expert slug (or "base") -> weight; one entry = one adapter
     params: SamplingParams = field(default_factory=SamplingParams)
+    # slug -> (adapter folder, version): a replica that lacks this version loads it first, so
+    # experts added or retrained while serving reach every replica without a restart.
+    adapters: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+
+
+def adapter_version(folder: Path) -> float:
+    """The version of an adapter on disk: its weights' modification time."""
+    return (folder / "adapter_model.safetensors").stat().st_mtime
 
 
 @dataclass(frozen=True)
@@ -140,7 +150,7 @@ def decode(pool: ExpertPool, requests: Sequence[GenerationRequest]) -> Iterator[
         step: list[Delta | None] = [None] * n
         keep: list[int] = []  # positions in `active` that go on
         for j, (i, token) in enumerate(zip(active, tokens, strict=True)):
-            is_eos = token in eos
+            is_eos = token in eos and not requests[i].params.ignore_eos
             generated = len(texts[i].tokens) + (0 if is_eos else 1)
             at_limit = generated >= requests[i].params.max_tokens
             new, stopped = texts[i].push(None if is_eos else token, final=is_eos or at_limit)

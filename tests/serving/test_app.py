@@ -178,3 +178,15 @@ def test_32_concurrent_requests_all_answer(client):
         replies = list(pool.map(ask, range(32)))
     assert len(replies) == 32
     assert all(r.usage.completion_tokens > 0 and routing(r)["expert"] for r in replies)
+
+
+def test_reload_picks_up_a_retrained_adapter(url, client, tiny_app, serve_artifacts):
+    from tests.experts.test_adapters import make_adapter
+
+    ask = {"model": "legal", "prompt": "the licensee shall", "max_tokens": 8, "temperature": 0}
+    before = client.completions.create(**ask).choices[0].text
+    make_adapter(tiny_app, serve_artifacts / "experts" / "legal", seed=99)  # "retrained"
+    reply = httpx.post(f"{url.removesuffix('/v1')}/admin/reload", timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["experts"] == sorted(SERVED) and reply.json()["added"] == []
+    assert client.completions.create(**ask).choices[0].text != before
