@@ -101,8 +101,11 @@ def question_views(text: str, title: str | None = None) -> list[str]:
         first = _SENTENCE_END.split(flat, 1)[0]
         if 4 <= len(first.split()) <= 30:
             views.append(first)
-    seen: set[str] = set()
-    return [v for v in views if v and not (v.lower() in seen or seen.add(v.lower()))]
+    unique: dict[str, str] = {}
+    for view in views:
+        if view:
+            unique.setdefault(view.lower(), view)
+    return list(unique.values())
 
 
 def as_question(view: str, rng: random.Random) -> str:
@@ -145,13 +148,14 @@ def split_examples(
         for i, text in enumerate(texts):
             doc_views = question_views(text, titles[i] if titles else None)
             pool.extend(rng.sample(doc_views, min(VIEWS_PER_DOC, len(doc_views))))
-            if titles and titles[i]:
+            title = titles[i] if titles else None
+            if title:
                 # The title's subject beside a short run of its text: users name the subject
                 # (a president, a system call, a module) that the text itself rarely spells out.
                 words = text.split()
                 size = rng.choice(TITLED_WINDOW_WORDS)
                 start = rng.randrange(max(1, len(words) - size))
-                pool.append(f"{_clean_line(titles[i])}: {' '.join(words[start : start + size])}")
+                pool.append(f"{_clean_line(title)}: {' '.join(words[start : start + size])}")
         pool = list(dict.fromkeys(pool))  # chunks of one document repeat its title
         pool = rng.sample(pool, min(len(pool), int(budget * VIEWS_SHARE)))
         pool = [as_question(v, rng) if rng.random() < TEMPLATE_SHARE else v for v in pool]
