@@ -215,7 +215,16 @@ class ExpertServingSpec:
 
     dedicated: bool = False
     resources: ResourceSpec = field(default_factory=ResourceSpec)
-    retrieval: bool = False  # ground answers in the expert's own corpus
+    retrieval: bool = False  # ground answers in the expert's own corpus (`moe index` builds it)
+    retrieval_top_k: int = 3  # passages put in the prompt when retrieval is on
+    retrieval_chunk_words: int = 120  # passage size of the index (words); a rebuild applies it
+
+    def __post_init__(self) -> None:
+        _check(self.retrieval_top_k >= 1, f"serving.retrieval_top_k {self.retrieval_top_k} must be >= 1")
+        _check(
+            self.retrieval_chunk_words >= 16,
+            f"serving.retrieval_chunk_words {self.retrieval_chunk_words} must be >= 16",
+        )
 
 
 @dataclass(frozen=True)
