@@ -200,12 +200,13 @@ class ExpertPool:
         adapters: Sequence[str],
         past_key_values: Any = None,
         position_ids: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> Any:
         """One forward pass; row i uses adapter `adapters[i]` (`base`/`__base__` = no adapter).
 
         logits_to_keep=1 computes logits of the last position only (decoding: a prefill would
-        otherwise materialise [rows, T, vocab] logits it never reads)."""
+        otherwise materialise [rows, T, vocab] logits it never reads); a 1-D tensor keeps those
+        positions."""
         names = [_PEFT_BASE if a == BASE else a for a in adapters]
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
@@ -215,7 +216,7 @@ class ExpertPool:
         }
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.to(self.device)
-        if logits_to_keep:
+        if not isinstance(logits_to_keep, int) or logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         with self._lock, self.autocast():
             if hasattr(self.model, "peft_config"):

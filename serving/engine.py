@@ -138,7 +138,10 @@ def decode(pool: ExpertPool, requests: Sequence[GenerationRequest]) -> Iterator[
             mask[i, width - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         mask, positions = exp.expand(mask), exp.expand(positions)
-        out = pool.forward(exp.expand(ids), mask, exp.adapters, None, positions, logits_to_keep=1)
+        # The last column as an index tensor, not logits_to_keep=1: slicing gives a strided
+        # [rows, 1, H] view that torch multiplies by copying the vocab matrix once per row.
+        last = torch.tensor([width - 1])
+        out = pool.forward(exp.expand(ids), mask, exp.adapters, None, positions, logits_to_keep=last)
         cache = out.past_key_values
         logp = exp.mix(out.logits[:, -1])
     texts = [_Text(pool.tokenizer, r.params.stop) for r in requests]
