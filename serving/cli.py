@@ -89,6 +89,34 @@ COMMANDS: dict[str, Command] = {
         "moe remove-expert <slug>",
         positional=True,
     ),
+    "index": Command(
+        "experts.retrieval:index_command",
+        "Build each expert's retrieval index (TF-IDF over its train split) for grounded answers.",
+        "moe index [expert=<slug>|expert=all]",
+        "Writes artifacts/data/<slug>/index/ (JSON + safetensors). Serving uses it where the expert\n"
+        "file says serving.retrieval: true (serving.retrieval_top_k passages per prompt).",
+    ),
+    "review": Command(
+        "serving.review:review_command",
+        "Review logged answers: accept, reject, correct or mark misrouted (lowest confidence first).",
+        "moe review [--reviewer=NAME] [--limit=N] [--seed=N] [--list]",
+        "Keys per request: a accept, r reject, c correct (then the answer), m misrouted (then the\n"
+        "expert), s skip, q quit. Reads stdin, so `printf 'a\\nm\\nlegal\\n' | moe review` scripts it.\n"
+        "The same queue is a web page at /review on the running endpoint.",
+        positional=True,
+    ),
+    "feedback": Command(
+        "serving.feedback:feedback_command",
+        "Export reviews as training data: corrections per expert, misroutes for the router.",
+        "moe feedback export",
+        "Writes artifacts/feedback/<slug>.jsonl (train.include_feedback=true) and router.jsonl.",
+        positional=True,
+    ),
+    "stats": Command(
+        "serving.stats:stats_command",
+        "Per-expert volume, acceptance, misroute and fallback rates, latency percentiles.",
+        "moe stats [serve.log_db=...]",
+    ),
     "sweep-report": Command(
         "experts.sweeps:sweep_report_command",
         "Tabulate a sweep directory's trials, sorted by validation perplexity.",
