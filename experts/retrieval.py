@@ -239,6 +239,14 @@ def load_index(app: AppConfig, slug: str) -> RetrievalIndex:
     return index
 
 
+def load_retrievers(app: AppConfig) -> dict[str, RetrievalIndex]:
+    """The index of every expert whose `serving.retrieval` is true (serving loads these once).
+
+    A missing index is an error naming the command that builds it, not a silent ungrounded answer.
+    """
+    return {s.name: load_index(app, s.name) for s in app.experts if s.serving.retrieval}
+
+
 def grounded_prompt(question: str, passages: list[Passage], max_chars: int = 700) -> str:
     """The question preceded by numbered sources; without passages it is the question alone.
 

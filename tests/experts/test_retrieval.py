@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -104,3 +105,27 @@ def test_index_command_builds_from_the_train_split(tmp_path, monkeypatch):
     index = load_index(app, "legal")
     assert folder.exists() and [p["doc_id"] for p in index.passages] == ["gpl"]
     assert index.search("secret heldout", 3) == []
+
+
+def test_retrieval_knobs_are_validated():
+    from experts.errors import ConfigError
+    from experts.schema import ExpertServingSpec, build
+
+    spec = build(ExpertServingSpec, {"retrieval": True, "retrieval_top_k": 5})
+    assert spec.retrieval_top_k == 5 and spec.retrieval_chunk_words == 120
+    with pytest.raises(ConfigError, match="retrieval_top_k 0 must be >= 1"):
+        build(ExpertServingSpec, {"retrieval_top_k": 0})
+
+
+def test_load_retrievers_names_the_missing_index(tmp_path, monkeypatch):
+    from experts.config import compose
+    from experts.retrieval import load_retrievers
+
+    monkeypatch.setenv("MOE_ARTIFACTS", str(tmp_path / "artifacts"))
+    app = compose([])
+    assert load_retrievers(app) == {}  # no shipped expert turns retrieval on by default
+    legal = app.get_expert("legal")
+    grounded = dataclasses.replace(legal, serving=dataclasses.replace(legal.serving, retrieval=True))
+    app = dataclasses.replace(app, experts=(grounded,))
+    with pytest.raises(ArtifactError, match="moe index expert=legal"):
+        load_retrievers(app)
