@@ -15,7 +15,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any, TextIO
 
@@ -57,11 +57,14 @@ def _card(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row.get(k) for k in keys}
 
 
-def review_router(log: QueryLog, experts: Iterable[str] | None = None, prefix: str = "/review") -> Any:
+def review_router(
+    log: QueryLog | Callable[[], QueryLog], experts: Iterable[str] | None = None, prefix: str = "/review"
+) -> Any:
     """A FastAPI router with the review page and its JSON API.
 
     Args:
-        log: the query log the ingress records into.
+        log: the query log the ingress records into, or a function returning it (for a router
+            mounted at import time whose log is opened later, e.g. in a Ray Serve replica).
         experts: slugs a misroute may name (the router's labels); None accepts any slug.
         prefix: where the page lives.
     """
@@ -69,6 +72,7 @@ def review_router(log: QueryLog, experts: Iterable[str] | None = None, prefix: s
     from fastapi.responses import HTMLResponse
 
     allowed = sorted(experts) if experts is not None else None
+    current: Callable[[], QueryLog] = (lambda: log) if isinstance(log, QueryLog) else log
 
     router = APIRouter(prefix=prefix, tags=["review"])
 
@@ -80,13 +84,13 @@ def review_router(log: QueryLog, experts: Iterable[str] | None = None, prefix: s
     def queue(limit: int = 20, seed: int | None = None) -> dict[str, Any]:
         if not 1 <= limit <= 500:
             raise HTTPException(400, f"limit {limit} must lie in [1, 500]")
-        items = [_card(r) for r in log.review_queue(limit=limit, seed=seed)]
+        items = [_card(r) for r in current().review_queue(limit=limit, seed=seed)]
         return {"items": items, "experts": allowed, "verdicts": list(VERDICTS)}
 
     @router.post("/api/{request_id}")
     def review(request_id: str, body: ReviewIn) -> dict[str, Any]:
         try:
-            row = log.add_review(
+            row = current().add_review(
                 request_id,
                 body.verdict,
                 body.reviewer,

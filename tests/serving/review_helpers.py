@@ -55,7 +55,7 @@ def serve_review(log: QueryLog) -> Iterator[str]:
     from serving.review import review_router
 
     app = FastAPI()
-    app.include_router(review_router(log, EXPERTS))
+    app.include_router(review_router(lambda: log, EXPERTS))  # the lazy form a Ray replica uses
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

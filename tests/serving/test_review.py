@@ -86,3 +86,19 @@ def test_moe_review_cli_reads_stdin(tmp_path, monkeypatch, capsys):
         main(["review", "--bogus"])
     assert exit_.value.code == 2
     assert "unknown option --bogus" in capsys.readouterr().err
+
+
+def test_review_router_takes_the_log_itself(log):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serving.review import review_router
+
+    app = FastAPI()
+    app.include_router(review_router(log, EXPERTS, prefix="/admin/review"))
+    client = TestClient(app)
+    assert len(client.get("/admin/review/api/queue").json()["items"]) == 5
+    assert (
+        client.post("/admin/review/api/r2", json={"verdict": "accept", "reviewer": "cy"}).status_code == 200
+    )
+    assert log.get("r2")["review"]["reviewer"] == "cy"
