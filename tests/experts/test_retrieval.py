@@ -106,6 +106,11 @@ def test_index_command_builds_from_the_train_split(tmp_path, monkeypatch):
     assert folder.exists() and [p["doc_id"] for p in index.passages] == ["gpl"]
     assert index.search("secret heldout", 3) == []
 
+    from serving.cli import main
+
+    assert main(["index", "expert=legal"]) == 0  # the same through `moe index`
+    assert load_index(app, "legal").passages == index.passages
+
 
 def test_retrieval_knobs_are_validated():
     from experts.errors import ConfigError

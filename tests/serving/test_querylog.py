@@ -124,3 +124,12 @@ def test_review_validation(tmp_path):
         log.add_review("r", "reject", "ana")
         log.add_review("r", "misrouted", "bo", correct_expert="legal", experts=["legal"])
         assert log.get("r")["review"]["verdict"] == "misrouted"  # the latest wins
+
+
+def test_a_database_url_works_like_a_path(tmp_path):
+    """Any SQLAlchemy URL is taken as is (postgresql://... the same way, with its driver installed)."""
+    url = f"sqlite:///{tmp_path / 'by_url.sqlite'}"
+    with QueryLog(url) as log:
+        log.record({"prompt": "via url", "request_id": "u1"})
+    with QueryLog(url) as again:
+        assert again.get("u1")["prompt"] == "via url"
