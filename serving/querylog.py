@@ -421,6 +421,15 @@ class ReviewError(MoeError):
     """A review names an unknown request or expert, or misses what its verdict needs."""
 
 
+def query_log_url(app: Any) -> str:
+    """The configured log as an absolute URL: `serve.log_db`, else artifacts/logs/queries.sqlite.
+
+    Resolve it where the config is read (the driver) and hand the string to replicas, whose
+    working directory may differ.
+    """
+    return resolve_url(app.serve.log_db or app.paths.artifacts_dir / DEFAULT_PATH)
+
+
 def open_query_log(app: Any) -> QueryLog:
-    """The configured log: `serve.log_db`, else artifacts/logs/queries.sqlite."""
-    return QueryLog(app.serve.log_db or app.paths.artifacts_dir / DEFAULT_PATH)
+    """Open the configured log (see `query_log_url`)."""
+    return QueryLog(query_log_url(app))
