@@ -49,6 +49,24 @@ def test_committed_rows_survive_without_close(tmp_path):
     log.close()
 
 
+def test_committed_rows_survive_a_killed_process(tmp_path):
+    """A process that dies without close (os._exit: no atexit, no flush of Python state) keeps
+    every row its writer had committed."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "q.sqlite"
+    code = (
+        "import os; from serving.querylog import QueryLog\n"
+        f"log = QueryLog({str(path)!r}, batch_size=4)\n"
+        "[log.record({'prompt': f'p{i}'}) for i in range(10)]\n"
+        "assert log.flush()\n"
+        "os._exit(3)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 3
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM queries").fetchone()[0] == 10
+
+
 def test_concurrent_records_all_land(tmp_path):
     log = QueryLog(tmp_path / "q.sqlite", batch_size=16)
     threads = [
