@@ -109,15 +109,24 @@ def natural_question_metrics(router: Router, questions: dict[str, list[str]]) ->
 
 
 def latency(router: Router, queries: Sequence[str]) -> dict[str, float]:
-    """Single-query decide() latency (p50/p99, ms) and batch throughput (queries/s)."""
+    """Single-query decide() latency (p50/p99, ms) on one torch thread, as a serving replica runs
+    it (several threads on a busy 2-core machine are many times slower), and batch throughput
+    (queries/s) with the process's threads."""
+    import torch
+
     queries = list(queries) or ["What does this do?"]
     router.decide(queries[:8])  # warm-up: lazy init, allocator
     times = []
-    for i in range(LATENCY_QUERIES):
-        q = queries[i % len(queries)]
-        start = time.perf_counter()
-        router.decide([q])
-        times.append((time.perf_counter() - start) * 1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(LATENCY_QUERIES):
+            q = queries[i % len(queries)]
+            start = time.perf_counter()
+            router.decide([q])
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        torch.set_num_threads(threads)
     batch = [queries[i % len(queries)] for i in range(THROUGHPUT_BATCH)]
     start = time.perf_counter()
     router.decide(batch)
