@@ -96,10 +96,14 @@ class ExpertPoolDeployment:
     def _cast(self) -> None:
         import torch
 
+        from serving.engine import use_gemv
+
         if self.pool.dtype != torch.float32:
             # Weights in bf16: decoding reads every weight once per step, so half the bytes
             # (autocast alone would keep fp32 weights and cast them at every step).
             self.pool.model.to(self.pool.dtype)
+            if self.pool.device == "cpu":
+                use_gemv(self.pool.model)
 
     def _ensure_adapters(self, requests: list[GenerationRequest]) -> None:
         """Load adapters this replica lacks (added or retrained since it started)."""

@@ -86,3 +86,24 @@ def test_stop_string_ends_generation(pool):
         ],
     )
     assert cut[0][0] == text[: text.find(stop)] and cut[0][2] == "stop"
+
+
+def test_gemv_linear_matches_f_linear_for_single_bf16_rows():
+    import torch
+
+    from serving.engine import use_gemv
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32, bias=False)).to(
+        torch.bfloat16
+    )
+    with torch.inference_mode():
+        for shape in [(1, 1, 64), (3, 1, 64), (1, 5, 64)]:
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            expected = layers(x)
+            use_gemv(layers)
+            got = layers(x)
+            for m in layers:
+                del m.forward
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
