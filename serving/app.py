@@ -677,6 +677,12 @@ def start_server(app: AppConfig, *, name: str = APP_NAME) -> str:
         _shutdown(name, started_ray, joined=bool(cfg.ray_address))
         raise
     _RUNNING.update(url=f"{url}/v1", name=name, started_ray=started_ray, joined=bool(cfg.ray_address))
+    if threading.current_thread() is threading.main_thread():
+        # Ray replaces Python's SIGINT handler; put it back so Ctrl-C raises KeyboardInterrupt
+        # in the caller (`moe serve`, `moe demo`), which then stops what it started.
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return f"{url}/v1"
 
 
