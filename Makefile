@@ -50,8 +50,8 @@ demo: install
 	$(BIN)/moe demo
 
 test: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 	$(BIN)/python -m pytest -q --durations=15
 
 test-unit: install
@@ -64,8 +64,8 @@ test-serve: install
 	$(BIN)/python -m pytest -q -m serve
 
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 	$(BIN)/mypy
 
 format: install

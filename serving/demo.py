@@ -46,10 +46,9 @@ def _adapter_is_current(app: AppConfig, name: str) -> bool:
 def prepare(app: AppConfig, overrides: list[str]) -> None:
     """Everything the endpoint needs, built only where missing or stale."""
     from experts.data import build_corpus
-    from router.train import train_router
-
     from experts.train import train_expert
     from router.model import load_router
+    from router.train import train_router
 
     t0 = _step(f"base model {app.base_model.name}")
     print(f"ready at {ensure_base_model(app.base_model, app.paths)} ({time.perf_counter() - t0:.0f} s)")

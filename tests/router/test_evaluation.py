@@ -11,7 +11,26 @@ import pytest
 
 from tests.conftest import write_toy_folder
 
-COOKING = ["simmer", "saute", "dough", "flour", "butter", "oven", "recipe", "garlic", "onion", "braise", "whisk", "sauce", "pastry", "knead", "yeast", "roast", "skillet", "broth"]
+COOKING = [
+    "simmer",
+    "saute",
+    "dough",
+    "flour",
+    "butter",
+    "oven",
+    "recipe",
+    "garlic",
+    "onion",
+    "braise",
+    "whisk",
+    "sauce",
+    "pastry",
+    "knead",
+    "yeast",
+    "roast",
+    "skillet",
+    "broth",
+]
 
 
 def moe(*args: str) -> subprocess.CompletedProcess:
