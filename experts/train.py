@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from experts.base_model import load_base_model, load_tokenizer, pick_device, pick_dtype
 from experts.blocks import token_blocks
+from experts.data.instructions import load_instructions
 from experts.errors import ArtifactError, DataError, MoeError
 from experts.evaluate import block_nll, perplexity
 from experts.schema import AppConfig, ExpertSpec
@@ -150,20 +151,9 @@ def _load_instructions(app: AppConfig, spec: ExpertSpec) -> list[dict[str, str]]
 def feedback_instructions(app: AppConfig, spec: ExpertSpec) -> list[dict[str, str]]:
     """Reviewed corrections exported by `moe feedback export` (artifacts/feedback/<slug>.jsonl)."""
     path = app.paths.artifacts_dir / "feedback" / f"{spec.name}.jsonl"
-    if not app.train.include_feedback or not path.exists():
+    if not app.train.include_feedback or not path.exists() or not path.read_text().strip():
         return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not JSON: {exc}") from exc
-        if not (isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
-            raise DataError(f"{path}:{n}: needs string fields 'prompt' and 'response'")
-        rows.append({"prompt": row["prompt"], "response": row["response"]})
-    return rows
+    return load_instructions(path)  # the same row-by-row validation as data.instructions
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.conftest import run_moe as moe
 from tests.conftest import write_toy_folder
 
 COOKING = [
@@ -31,16 +29,6 @@ COOKING = [
     "skillet",
     "broth",
 ]
-
-
-def moe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "serving.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ),
-    )
 
 
 @pytest.mark.integration
