@@ -293,12 +293,21 @@ class TrainSpec:
     max_train_blocks: int | None = None  # cap on training blocks (None = all)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    include_feedback: bool = False  # add reviewed corrections from the review loop
+    include_feedback: bool = False  # add reviewed corrections (artifacts/feedback/<slug>.jsonl)
+    feedback_repeat: int = 4  # times each correction is trained on (they are few; the corpus is large)
     num_workers_ray: int = 0  # >0: train experts as parallel Ray tasks
     gpus_per_task: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every"):
+        for key in (
+            "steps",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "save_every",
+            "feedback_repeat",
+        ):
             _check(getattr(self, key) > 0, f"train.{key} {getattr(self, key)} must be > 0")
         _check(self.lr > 0, f"train.lr {self.lr} must be > 0")
 
@@ -345,6 +354,7 @@ class ServeSpec:
     ingress: ResourceSpec = field(default_factory=lambda: ResourceSpec(num_cpus=0.25))
     api_keys_env: str = "MOE_API_KEYS"  # comma-separated keys; unset = no auth
     api_keys_file: str | None = None
+    log_queries: bool = True  # write every request (prompt, expert, answer, latency) to the query log
     log_db: str | None = None  # None = artifacts/logs/queries.sqlite; or postgresql://...
     object_store_mb: int = 256
 

@@ -100,6 +100,10 @@ def build_train_data(
     want = t.steps * t.batch_size * t.grad_accum  # one pass: every step sees new blocks
     if t.max_train_blocks is not None:
         want = min(want, t.max_train_blocks)
+    # Reviewed corrections are few and precious: each is seen `feedback_repeat` times, and corpus
+    # blocks make room for them so they all fall inside the one pass (the corpus keeps >= half).
+    feedback = list(extra_instructions or []) * t.feedback_repeat
+    want = max(want - len(feedback), math.ceil(want / 2))
     val_n, test_n = t.eval_batches * t.batch_size, t.test_batches * t.batch_size
     if spec.data.source == MIXTURE:
         domains = [e.name for e in app.experts if e.routable]
@@ -127,7 +131,9 @@ def build_train_data(
             f"({len(train)} train / {len(val)} validation blocks)"
         )
     ids, labels, mask = train, train.clone(), torch.ones_like(train)
-    instructions = _load_instructions(app, spec) + list(extra_instructions or [])
+    instructions = _load_instructions(app, spec) + feedback
+    if feedback:
+        sources["feedback"] = len(feedback)
     if instructions:
         i_ids, i_labels, i_mask = _instruction_rows(
             instructions, tokenizer, t.seq_len, spec.generation.system_prompt

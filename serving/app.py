@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -26,12 +27,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from experts.adapters import BASE, adapter_dir, check_adapter
 from experts.errors import ArtifactError, ConfigError, MoeError, UnknownExpertError
@@ -42,15 +44,21 @@ from serving.api import (
     AuthError,
     ChatCompletionRequest,
     CompletionRequest,
+    Gate,
     OverloadedError,
     RequestError,
     RouteRequest,
     UnavailableError,
     error_body,
     error_of,
+    error_param,
+    http_error,
+    key_accepted,
     now,
 )
 from serving.engine import Delta, GenerationRequest, SamplingParams, adapter_version
+from serving.querylog import QueryEntry, QueryLog, query_log_url
+from serving.review import review_router
 
 log = logging.getLogger("serving")
 APP_NAME = "moe"
@@ -69,6 +77,19 @@ def served_experts(app: AppConfig) -> tuple[list[str], dict[str, str]]:
         except ArtifactError as exc:
             missing[spec.name] = str(exc)
     return ok, missing
+
+
+def check_retrieval(app: AppConfig, served: list[str]) -> None:
+    """Refuse to start when a served expert grounds its answers but its index was never built."""
+    from experts.retrieval import index_dir
+
+    for spec in app.experts:
+        folder = index_dir(app.paths, spec.name)
+        if spec.name in served and spec.serving.retrieval and not (folder / "vocabulary.json").exists():
+            raise ArtifactError(
+                f"expert {spec.name!r} has serving.retrieval: true but no retrieval index in {folder}; "
+                f"build it with `moe index expert={spec.name}` (or set serving.retrieval: false)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +169,21 @@ class ExpertPoolDeployment:
 # --------------------------------------------------------------------------------------------
 # Ingress deployment (FastAPI)
 # --------------------------------------------------------------------------------------------
+# No /docs or /openapi.json: the API is OpenAI's, documented there and in the README; the schema is
+# still `api.openapi()` in-process (the fuzz test reads it).
 api = FastAPI(title="moe-experts", docs_url=None, redoc_url=None, openapi_url=None)
+api.add_exception_handler(HTTPException, http_error)  # 404/405/413/unreadable body: OpenAI's shape
+
+
+def _replica_keys() -> set[str] | None:
+    """The API keys of the ingress replica this runs in; None until its constructor has run."""
+    try:
+        return serve.get_replica_context().servable_object.api_keys
+    except Exception:  # outside a replica, or the replica is still constructing its Ingress
+        return None
+
+
+api.add_middleware(Gate, keys=_replica_keys)  # API keys and the body cap, before anything else
 
 
 @api.exception_handler(RequestValidationError)
@@ -158,16 +193,60 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
         param = None
     else:
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(where) or None
+        param = error_param(first.get("loc", ()))
         message = f"invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}"
     return JSONResponse(
         error_body(message, "invalid_request_error", param, first.get("type")), status_code=400
     )
 
 
+@api.exception_handler(MoeError)
+async def _typed_error(request: Request, exc: MoeError) -> JSONResponse:
+    """Typed errors raised outside a request's own try block (e.g. by a route dependency)."""
+    status, body = error_of(exc)
+    return JSONResponse(body, status_code=status)
+
+
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
+
+
+_RID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _request_id(request: Request) -> str:
+    """Ray Serve's request id (its proxy sets X-Request-Id and echoes it in the response), so one id
+    names a request in the response, Ray's logs and the query log; a malformed one gets our own."""
+    rid = request.headers.get("x-request-id", "")
+    return rid if _RID.fullmatch(rid) else uuid.uuid4().hex
+
+
+# One Ingress per replica process: the review routes, mounted on the module-level FastAPI app,
+# reach that replica's query log, keys and router labels through this.
+_REPLICA: dict[str, Any] = {}
+
+
+def _require_key(request: Request) -> None:
+    ingress = _REPLICA.get("ingress")
+    if ingress is None:
+        raise UnavailableError("the ingress is starting")
+    ingress._auth(request)
+
+
+def _replica_log() -> QueryLog:
+    ingress = _REPLICA.get("ingress")
+    if ingress is None or ingress.log is None:
+        raise UnavailableError("the query log is off (serve.log_queries: false)")
+    return ingress.log
+
+
+def _review_labels() -> list[str] | None:
+    ingress = _REPLICA.get("ingress")
+    return list(ingress.router.labels) if ingress is not None and ingress.router is not None else None
+
+
+# The page itself is static HTML with no data in it; its JSON API checks the API key.
+api.include_router(review_router(_replica_log, _review_labels, dependencies=[Depends(_require_key)]))
 
 
 @serve.deployment
@@ -181,6 +260,7 @@ class Ingress:
         pools: dict[str, DeploymentHandle],
         placement: dict[str, str],
         api_keys: list[str],
+        log_url: str | None = None,
     ):
         import torch
 
@@ -208,6 +288,15 @@ class Ingress:
         except MoeError as exc:  # the endpoint still serves named experts; `auto` answers 503
             self.router_error = str(exc)
             log.error("router unavailable: %s", exc)
+        # Retrieval indexes of the experts that ground their answers (build_app checked they exist).
+        self.retrievers = self._retrievers(app, self.specs, {})
+        # Every request goes to the query log; `record` never blocks or raises, `close` drains it.
+        self.log = QueryLog(log_url) if log_url else None
+        _REPLICA["ingress"] = self
+
+    def __del__(self) -> None:  # Ray Serve calls this when it stops the replica
+        if getattr(self, "log", None) is not None:
+            self.log.close()
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -215,14 +304,39 @@ class Ingress:
         folders = {name: adapter_dir(spec, app.paths) for name, spec in specs.items()}
         return {name: (str(folder), adapter_version(folder)) for name, folder in folders.items()}
 
+    @staticmethod
+    def _retrievers(app: AppConfig, specs: dict[str, ExpertSpec], have: dict[str, Any]) -> dict[str, Any]:
+        """The retrieval index of every served expert with `serving.retrieval: true` (reuses `have`)."""
+        from experts.retrieval import load_index
+
+        return {
+            name: have.get(name) or load_index(app, name)
+            for name, spec in specs.items()
+            if spec.serving.retrieval
+        }
+
+    async def _ground(self, decision: Any, question: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The grounded prompt and its sources when the answering expert retrieves; else (None, [])."""
+        from experts.retrieval import grounded_prompt
+
+        index = self.retrievers.get(decision.expert)
+        if index is None:
+            return None, []
+        k = self.specs[decision.expert].serving.retrieval_top_k
+        passages = await asyncio.to_thread(index.search, question, k)
+        return grounded_prompt(question, passages), [p.to_dict() for p in passages]
+
+    def _record(self, entry: QueryEntry) -> None:
+        if self.log is not None:
+            self.log.record(entry)
+
     def _models(self) -> list[str]:
         return [AUTO, BASE, *sorted(self.specs)]
 
     def _auth(self, request: Request) -> None:
         if not self.api_keys:
             return
-        header = request.headers.get("authorization", "")
-        if header.removeprefix("Bearer ").strip() not in self.api_keys:
+        if not key_accepted(request.headers.get("authorization", ""), self.api_keys):
             raise AuthError("missing or invalid API key (Authorization: Bearer <key>)")
 
     async def _decide(self, model: str, text: str) -> Any:
@@ -237,6 +351,7 @@ class Ingress:
             self.metrics.routed(decision.confidence, decision.decision)
             return decision
         if model not in self.placement:
+            self._refuse_unserved(model)
             raise UnknownExpertError(model, self._models())
         return RoutingDecision.forced(model)
 
@@ -244,12 +359,21 @@ class Ingress:
         spec = self.specs.get(name)
         return spec.generation if spec else GenerationSpec()
 
-    def _prompt_ids(self, body: ChatCompletionRequest | CompletionRequest, gen: GenerationSpec) -> list[int]:
+    def _prompt_ids(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        gen: GenerationSpec,
+        grounded: str | None = None,
+    ) -> list[int]:
+        """Token ids of the prompt; `grounded` (question + sources) replaces the last user turn."""
         if isinstance(body, CompletionRequest):
-            ids = self.tokenizer(body.text(), add_special_tokens=True).input_ids
+            ids = self.tokenizer(grounded or body.text(), add_special_tokens=True).input_ids
             param = "prompt"
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            if grounded is not None:
+                users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+                messages[users[-1] if users else -1]["content"] = grounded  # the routed text
             for m in messages:
                 if m["role"] == "developer":
                     m["role"] = "system"
@@ -292,11 +416,24 @@ class Ingress:
             log.warning("mixture %s served as %s (other experts live elsewhere)", decision.experts, experts)
         return self.pools[where], experts
 
+    def _refuse_unserved(self, model: str) -> None:
+        """A configured expert whose adapter did not load: say why (503), not just 'unknown'."""
+        if model in {e.name for e in self.config.experts}:
+            reason = served_experts(self.config)[1].get(model, "its adapter is not loaded")
+            raise UnavailableError(f"expert {model!r} is configured but not served: {reason}")
+
     def _error(self, exc: BaseException, rid: str) -> JSONResponse:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+        gone = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
         if isinstance(exc, BackPressureError):
             exc = OverloadedError(f"the server is at capacity; retry in {RETRY_AFTER_S} s")
+        elif isinstance(exc, gone):  # a pool replica died mid-request; Ray Serve replaces it
+            log.warning("request %s: expert pool replica unavailable: %s", rid, exc)
+            exc = UnavailableError(f"the expert pool is restarting; retry in {RETRY_AFTER_S} s")
         status, body = error_of(exc)
-        headers = {"X-Request-Id": rid}
+        headers: dict[str, str] = {}  # Ray Serve's proxy adds X-Request-Id (the same id: see `_request_id`)
         if status == 503:
             headers["Retry-After"] = str(RETRY_AFTER_S)
         if status == 500:
@@ -306,10 +443,13 @@ class Ingress:
 
     # -- the generation path ---------------------------------------------------------------
     async def _complete(self, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
-        rid = uuid.uuid4().hex[:16]
-        started = time.perf_counter()
+        rid = _request_id(request)
+        arrived, started = time.time(), time.perf_counter()
         chat = isinstance(body, ChatCompletionRequest)
         decision: Any = None
+        sources: list[dict[str, Any]] = []
+        prompt: list[int] = []
+        route_text = ""
         try:
             self._auth(request)
             if body.n != 1:
@@ -322,7 +462,8 @@ class Ingress:
             decision = await self._decide(body.model, route_text)
             gen = self._generation(decision.expert)
             max_tokens = self._max_tokens(body, gen)
-            prompt = self._prompt_ids(body, gen)
+            grounded, sources = await self._ground(decision, route_text)
+            prompt = self._prompt_ids(body, gen, grounded)
             handle, experts = self._target(decision)
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -343,23 +484,34 @@ class Ingress:
             response = self._error(exc, rid)
             expert = decision.expert if decision is not None else body.model
             self.metrics.finished(expert, getattr(decision, "decision", "none"), response.status_code, 0.0)
+            if not isinstance(exc, AuthError):  # an unauthenticated caller writes nothing
+                status = json.loads(response.body)["error"]["type"]
+                self._record(
+                    self._entry(rid, arrived, started, body, route_text, decision, "", [], prompt, 0, status)
+                )
             return response
         routing = {k: getattr(decision, k) for k in ROUTING_KEYS}
-        headers = {"X-MoE-Expert": decision.expert, "X-Request-Id": rid}
+        headers = {"X-MoE-Expert": decision.expert}
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
             "created": now(),
             "model": decision.expert,
         }
 
-        def done(tokens: int, status: int = 200) -> None:
+        def done(text: str, tokens: int, status: int = 200) -> None:
             self.metrics.finished(
                 decision.expert, decision.decision, status, time.perf_counter() - started, len(prompt), tokens
+            )
+            outcome = {200: "ok", 499: "client_closed"}.get(status, "server_error")
+            self._record(
+                self._entry(
+                    rid, arrived, started, body, route_text, decision, text, sources, prompt, tokens, outcome
+                )
             )
 
         if body.stream:
             return StreamingResponse(
-                self._events(stream, first, meta, routing, chat, len(prompt), body, done),
+                self._events(stream, first, meta, routing, sources, chat, len(prompt), done),
                 media_type="text/event-stream",
                 headers=headers,
             )
@@ -369,9 +521,9 @@ class Ingress:
                 text += delta.text
                 last = delta
         except Exception as exc:
-            done(last.completion_tokens, 500)
+            done(text, last.completion_tokens, 500)
             return self._error(exc, rid)
-        done(last.completion_tokens)
+        done(text, last.completion_tokens)
         usage = {
             "prompt_tokens": len(prompt),
             "completion_tokens": last.completion_tokens,
@@ -384,7 +536,41 @@ class Ingress:
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             payload = {**meta, "object": "text_completion", "choices": [choice]}
-        return JSONResponse({**payload, "usage": usage, "routing": routing}, headers=headers)
+        extra = {"sources": sources} if sources else {}
+        return JSONResponse({**payload, "usage": usage, "routing": routing, **extra}, headers=headers)
+
+    @staticmethod
+    def _entry(
+        rid: str,
+        arrived: float,
+        started: float,
+        body: ChatCompletionRequest | CompletionRequest,
+        question: str,
+        decision: Any,
+        output: str,
+        sources: list[dict[str, Any]],
+        prompt: list[int],
+        completion_tokens: int,
+        status: str,
+    ) -> QueryEntry:
+        """The query-log row of one request (answered or failed)."""
+        return QueryEntry(
+            prompt=question,
+            request_id=rid,
+            ts=arrived,
+            model=body.model,
+            expert=getattr(decision, "expert", None),
+            experts=dict(getattr(decision, "experts", {}) or {}),
+            confidence=getattr(decision, "confidence", None),
+            decision=getattr(decision, "decision", None),
+            output=output,
+            sources=sources,
+            latency_s=time.perf_counter() - started,
+            prompt_tokens=len(prompt),
+            completion_tokens=completion_tokens,
+            status=status,
+            endpoint="chat" if isinstance(body, ChatCompletionRequest) else "completions",
+        )
 
     async def _events(
         self,
@@ -392,12 +578,12 @@ class Ingress:
         first: Delta,
         meta: dict[str, Any],
         routing: dict[str, Any],
+        sources: list[dict[str, Any]],
         chat: bool,
         prompt_tokens: int,
-        body: Any,
         done: Any,
     ) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format; the first chunk carries `routing`."""
+        """Server-sent events in OpenAI's chunk format; the first chunk carries `routing` (and `sources`)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
@@ -410,14 +596,16 @@ class Ingress:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
             return {**meta, "object": obj, "choices": [choice], **extra}
 
-        last = first
+        last, text, finished = first, "", False
         try:
-            yield _sse(chunk("", None, role=True, routing=routing))
+            extra = {"sources": sources} if sources else {}
+            yield _sse(chunk("", None, role=True, routing=routing, **extra))
             pending: list[Delta] = [first]
             while True:
                 for delta in pending:
                     last = delta
                     if delta.text:
+                        text += delta.text
                         yield _sse(chunk(delta.text, None))
                 if last.finish_reason:
                     break
@@ -432,12 +620,17 @@ class Ingress:
             }
             yield _sse(chunk(None, last.finish_reason or "length", usage=usage))
             yield "data: [DONE]\n\n"
-            done(last.completion_tokens)
+            finished = True
+            done(text, last.completion_tokens)
         except Exception:  # headers are gone: report in-band, as OpenAI does
+            finished = True
             rid = meta["id"].split("-", 1)[1]
             log.exception("stream %s failed", rid)
-            done(last.completion_tokens, 500)
+            done(text, last.completion_tokens, 500)
             yield _sse(error_body(f"internal error during streaming (request id {rid})", "server_error"))
+        finally:
+            if not finished:  # the client went away mid-stream: log what it was sent
+                done(text, last.completion_tokens, 499)
 
     # -- routes ------------------------------------------------------------------------------
     @api.get("/health")
@@ -469,7 +662,7 @@ class Ingress:
 
     @api.post("/v1/route")
     async def route(self, body: RouteRequest, request: Request) -> Any:
-        rid = uuid.uuid4().hex[:16]
+        rid = _request_id(request)
         try:
             self._auth(request)
             text = body.text
@@ -504,6 +697,8 @@ class Ingress:
         }  # new experts: the shared pool
         specs = {e.name: e for e in app.experts if e.name in placement}
         before = set(self.specs)
+        check_retrieval(app, list(specs))
+        self.retrievers = self._retrievers(app, specs, self.retrievers)
         self.sources = self._sources(app, specs)
         self.config, self.specs, self.placement = app, specs, placement
         self.router, self.router_error = router, ""
@@ -518,7 +713,7 @@ class Ingress:
     @api.post("/admin/reload")
     async def reload(self, request: Request) -> Any:
         """Pick up added, retrained or removed experts and a retrained router without downtime."""
-        rid = uuid.uuid4().hex[:16]
+        rid = _request_id(request)
         try:
             self._auth(request)
             return await asyncio.to_thread(self._reload)
@@ -601,8 +796,10 @@ def build_app(app: AppConfig) -> serve.Application:
             app, [name], res.torch_threads, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s
         )
         placement[name] = dep
+    check_retrieval(app, ok)
+    log_url = query_log_url(app) if serve_cfg.log_queries else None  # resolved here: replicas' cwd differs
     return Ingress.options(**deployment_options(serve_cfg.ingress, "ingress")).bind(
-        app, deployments, placement, api_keys(app)
+        app, deployments, placement, api_keys(app), log_url
     )
 
 
@@ -724,7 +921,7 @@ def serve_command(app: AppConfig, ctx: Any) -> None:
     ok, missing = served_experts(app)
     print(f"serving {len(ok)} expert(s) at {url}  (models: {[AUTO, BASE, *ok]})", flush=True)
     for name in missing:
-        print(f"  not serving {name!r}: no adapter (run `moe train expert={name}`)")
+        print(f"  not serving {name!r}: {missing[name]}")
     print(
         f"try: curl -s {url}/chat/completions -H 'Content-Type: application/json' "
         '-d \'{"model": "auto", "messages": [{"role": "user", "content": "What does fork() return?"}]}\''

@@ -58,36 +58,45 @@ def _card(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def review_router(
-    log: QueryLog | Callable[[], QueryLog], experts: Iterable[str] | None = None, prefix: str = "/review"
+    log: QueryLog | Callable[[], QueryLog],
+    experts: Iterable[str] | Callable[[], Iterable[str] | None] | None = None,
+    prefix: str = "/review",
+    dependencies: list[Any] | None = None,
 ) -> Any:
     """A FastAPI router with the review page and its JSON API.
 
     Args:
         log: the query log the ingress records into, or a function returning it (for a router
             mounted at import time whose log is opened later, e.g. in a Ray Serve replica).
-        experts: slugs a misroute may name (the router's labels); None accepts any slug.
+        experts: slugs a misroute may name (the router's labels), or a function returning them
+            (the labels change when a running endpoint adds an expert); None accepts any slug.
         prefix: where the page lives.
+        dependencies: FastAPI dependencies run before each JSON route (the ingress checks API keys).
     """
     from fastapi import APIRouter, HTTPException
     from fastapi.responses import HTMLResponse
 
-    allowed = sorted(experts) if experts is not None else None
     current: Callable[[], QueryLog] = (lambda: log) if isinstance(log, QueryLog) else log
 
+    def allowed() -> list[str] | None:
+        names = experts() if callable(experts) else experts
+        return sorted(names) if names is not None else None
+
     router = APIRouter(prefix=prefix, tags=["review"])
+    deps = dependencies or []  # on the JSON API only: the page is static HTML with no data
 
     @router.get("", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse(review_page())
 
-    @router.get("/api/queue")
+    @router.get("/api/queue", dependencies=deps)
     def queue(limit: int = 20, seed: int | None = None) -> dict[str, Any]:
         if not 1 <= limit <= 500:
             raise HTTPException(400, f"limit {limit} must lie in [1, 500]")
         items = [_card(r) for r in current().review_queue(limit=limit, seed=seed)]
-        return {"items": items, "experts": allowed, "verdicts": list(VERDICTS)}
+        return {"items": items, "experts": allowed(), "verdicts": list(VERDICTS)}
 
-    @router.post("/api/{request_id}")
+    @router.post("/api/{request_id}", dependencies=deps)
     def review(request_id: str, body: ReviewIn) -> dict[str, Any]:
         try:
             row = current().add_review(
@@ -97,7 +106,7 @@ def review_router(
                 correction=body.correction,
                 correct_expert=body.correct_expert,
                 note=body.note,
-                experts=allowed,
+                experts=allowed(),
             )
         except ReviewError as exc:
             status = 404 if str(exc).startswith("unknown request") else 400

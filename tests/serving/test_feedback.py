@@ -60,7 +60,7 @@ def test_train_reads_the_exported_file(log, tmp_path, monkeypatch):
     from experts.train import feedback_instructions
 
     monkeypatch.setenv("MOE_ARTIFACTS", str(tmp_path / "artifacts"))
-    app = compose(["expert=legal", "+train.include_feedback=true"])
+    app = compose(["expert=legal", "train.include_feedback=true"])
     export_feedback(log, app.paths.artifacts_dir / "feedback")
     rows = feedback_instructions(app, app.get_expert("legal"))
     assert (
