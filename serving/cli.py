@@ -89,6 +89,12 @@ COMMANDS: dict[str, Command] = {
         "moe remove-expert <slug>",
         positional=True,
     ),
+    "reload": Command(
+        "serving.manage:reload_command",
+        "Make the running endpoint load retrained adapters and the retrained router (no downtime).",
+        "moe reload [serve.port=8000]",
+        "Run it after `moe train` or `moe train-router` while `moe serve` is running.",
+    ),
     "index": Command(
         "experts.retrieval:index_command",
         "Build each expert's retrieval index (TF-IDF over its train split) for grounded answers.",

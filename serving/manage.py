@@ -113,7 +113,7 @@ def update_endpoint(app: AppConfig, url: str | None = None) -> str:
     try:
         httpx.get(f"{base}/health", timeout=3).raise_for_status()
     except httpx.HTTPError:
-        return f"no endpoint running at {base}; `moe serve` will pick the expert up"
+        return f"no endpoint running at {base}; the next `moe serve` loads what is trained now"
     reply = httpx.post(f"{base}/admin/reload", headers=headers, timeout=600)
     if reply.status_code != 200:
         raise MoeError(f"endpoint at {base} refused the reload ({reply.status_code}): {reply.text[:300]}")
@@ -149,3 +149,10 @@ def remove_expert_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
         f"stay in {adapter_dir(app.get_expert(slug), app.paths)} and {app.paths.data_dir(slug)}\n{status}"
     )
     return {"removed": slug, "endpoint": status}
+
+
+def reload_command(app: AppConfig, ctx: Any) -> str:
+    """`moe reload`: a running endpoint picks up retrained adapters and a retrained router."""
+    status = update_endpoint(app)
+    print(status)
+    return status
