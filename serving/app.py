@@ -348,12 +348,35 @@ class Ingress:
             # A linear classifier call: cheaper in-process than a network hop; a thread keeps
             # the event loop free for slower (embedding) pipelines.
             (decision,) = await asyncio.to_thread(self.router.decide, [text])
+            decision = self._servable(decision)
             self.metrics.routed(decision.confidence, decision.decision)
             return decision
         if model not in self.placement:
             self._refuse_unserved(model)
             raise UnknownExpertError(model, self._models())
         return RoutingDecision.forced(model)
+
+    def _servable(self, decision: Any) -> Any:
+        """The router's decision restricted to experts this endpoint serves (an expert whose adapter
+        is not trained yet): the rest of a mixture is renormalised; with none left, the fallback."""
+        served = {k: w for k, w in decision.experts.items() if k in self.placement}
+        if len(served) == len(decision.experts):
+            return decision
+        log.warning("router chose %s, not served here; answering with what is", sorted(decision.experts))
+        if not served:
+            fallback = self.config.router.fallback_model
+            fallback = fallback if fallback in self.placement else BASE
+            return dataclasses.replace(
+                decision, expert=fallback, experts={fallback: 1.0}, decision="fallback"
+            )
+        total = sum(served.values())
+        weights = {k: w / total for k, w in served.items()}
+        return dataclasses.replace(
+            decision,
+            expert=max(weights, key=weights.__getitem__),
+            experts=weights,
+            decision="mixture" if len(weights) > 1 else "routed",
+        )
 
     def _generation(self, name: str) -> GenerationSpec:
         spec = self.specs.get(name)

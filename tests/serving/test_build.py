@@ -43,3 +43,34 @@ def test_resources_become_ray_serve_options():
     assert opts["max_queued_requests"] == 7 and opts["num_replicas"] == 1
     auto = deployment_options(ResourceSpec(autoscaling={"min_replicas": 1, "max_replicas": 4}), "pool_x")
     assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
+
+
+@pytest.mark.parametrize(
+    ("experts", "fallback_model", "want"),
+    [
+        ({"legal": 1.0}, "base", ("legal", {"legal": 1.0}, "routed")),  # served: unchanged
+        ({"politics": 1.0}, "base", ("base", {"base": 1.0}, "fallback")),
+        ({"politics": 1.0}, "biomedical", ("biomedical", {"biomedical": 1.0}, "fallback")),
+        ({"politics": 1.0}, "generalist", ("base", {"base": 1.0}, "fallback")),  # fallback not served
+        (
+            {"politics": 0.6, "legal": 0.3, "biomedical": 0.1},
+            "base",
+            ("legal", {"legal": 0.75, "biomedical": 0.25}, "mixture"),
+        ),
+        ({"politics": 0.7, "legal": 0.3}, "base", ("legal", {"legal": 1.0}, "routed")),
+    ],
+)
+def test_router_picks_of_unserved_experts_fall_back_or_renormalise(experts, fallback_model, want):
+    """An expert the router knows but whose adapter is not loaded never turns a request into a 503."""
+    from router.model import RoutingDecision
+    from serving.app import Ingress
+
+    ingress = object.__new__(Ingress.func_or_class)  # only the placement and the router config matter
+    ingress.placement = {"base": "pool", "legal": "pool", "biomedical": "pool"}
+    ingress.config = serve_config("unused", f"router.fallback_model={fallback_model}")
+    top = max(experts, key=experts.__getitem__)
+    decision = RoutingDecision(top, experts, experts[top], "mixture" if len(experts) > 1 else "routed", {})
+    got = ingress._servable(decision)
+    assert (got.expert, got.decision) == (want[0], want[2])
+    assert got.experts == pytest.approx(want[1])
+    assert got.confidence == experts[top]  # the router's own confidence is kept for the log
