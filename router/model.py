@@ -328,16 +328,20 @@ def routable_labels(app: AppConfig) -> list[str]:
     return [e.name for e in app.experts if e.routable]
 
 
-def load_router(app: AppConfig) -> Router:
+def load_router(app: AppConfig, strict: bool = True) -> Router:
     """Load the trained router, check its labels against the routable experts, apply the config's
-    decision policy (policy, fallback model, mixture settings, and threshold when set)."""
+    decision policy (policy, fallback model, mixture settings, and threshold when set).
+
+    strict=False accepts a router trained for other experts (serving keeps routing among the
+    experts it knows while a new one is being added; the caller warns)."""
     fallback = app.router.fallback_model
     if fallback != "base" and fallback not in app.expert_names():
         raise ConfigError(
             f"router.fallback_model {fallback!r} is neither 'base' nor a configured expert; "
             f"available: {['base', *sorted(app.expert_names())]}"
         )
-    router = Router.load(router_dir(app), routable_labels(app), downloads=app.paths.downloads_dir)
+    labels = routable_labels(app) if strict else None
+    router = Router.load(router_dir(app), labels, downloads=app.paths.downloads_dir)
     if router.pipeline != app.router.pipeline:
         log.warning(
             "the trained router uses pipeline %r but config says %r; using the trained one "

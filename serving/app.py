@@ -281,13 +281,7 @@ class Ingress:
         self.metrics = Metrics()
         self.router: Any = None
         self.router_error = ""
-        try:
-            from router.model import load_router
-
-            self.router = load_router(app)
-        except MoeError as exc:  # the endpoint still serves named experts; `auto` answers 503
-            self.router_error = str(exc)
-            log.error("router unavailable: %s", exc)
+        self.router, self.router_error = self._load_router(app)
         # Retrieval indexes of the experts that ground their answers (build_app checked they exist).
         self.retrievers = self._retrievers(app, self.specs, {})
         # Every request goes to the query log; `record` never blocks or raises, `close` drains it.
@@ -303,6 +297,24 @@ class Ingress:
     def _sources(app: AppConfig, specs: dict[str, ExpertSpec]) -> dict[str, tuple[str, float]]:
         folders = {name: adapter_dir(spec, app.paths) for name, spec in specs.items()}
         return {name: (str(folder), adapter_version(folder)) for name, folder in folders.items()}
+
+    @staticmethod
+    def _load_router(app: AppConfig) -> tuple[Any, str]:
+        """The router, or None and why. A router trained for another set of experts (an expert file
+        added or removed since) still routes among the experts it knows, with a warning: better than
+        `auto` being down until `moe train-router` has run."""
+        from router.model import load_router
+
+        try:
+            return load_router(app), ""
+        except MoeError as exc:
+            try:
+                router = load_router(app, strict=False)
+            except MoeError:  # the endpoint still serves named experts; `auto` answers 503
+                log.error("router unavailable: %s", exc)
+                return None, str(exc)
+            log.warning("%s; routing among %s until `moe train-router` has run", exc, router.labels)
+            return router, ""
 
     @staticmethod
     def _retrievers(app: AppConfig, specs: dict[str, ExpertSpec], have: dict[str, Any]) -> dict[str, Any]:

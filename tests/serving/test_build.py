@@ -74,3 +74,16 @@ def test_router_picks_of_unserved_experts_fall_back_or_renormalise(experts, fall
     assert (got.expert, got.decision) == (want[0], want[2])
     assert got.experts == pytest.approx(want[1])
     assert got.confidence == experts[top]  # the router's own confidence is kept for the log
+
+
+def test_a_router_trained_for_other_experts_still_routes_with_a_warning(serve_artifacts, tmp_path, caplog):
+    """An expert file added (or removed) before `moe train-router` must not take `auto` down."""
+    from serving.app import Ingress
+
+    fewer = serve_config(serve_artifacts, "experts=[biomedical,legal]")
+    router, error = Ingress.func_or_class._load_router(fewer)
+    assert error == "" and sorted(router.labels) == sorted(SERVED)
+    assert "until `moe train-router` has run" in caplog.text
+    missing = serve_config(tmp_path / "empty_artifacts")
+    router, error = Ingress.func_or_class._load_router(missing)
+    assert router is None and "router" in error
