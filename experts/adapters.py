@@ -56,7 +56,22 @@ def check_adapter(name: str, directory: Path) -> Path:
             f"expert {name!r}: {directory} holds a {config.get('peft_type')!r} adapter; "
             "only LoRA adapters are served"
         )
+    _check_weights(name, directory / ADAPTER_FILES[1])
     return directory
+
+
+def _check_weights(name: str, path: Path) -> None:
+    """Read the safetensors header only (no tensor data): a truncated or garbage file fails here, at
+    startup, with its name, instead of in a replica mid-request."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception as exc:  # a loading boundary: safetensors raises its own error types
+        raise ArtifactError(f"expert {name!r}: corrupt {path}: {exc}; retrain or replace it") from exc
+    if not any("lora_" in key for key in keys):
+        raise ArtifactError(f"expert {name!r}: {path} holds no LoRA weights ({len(keys)} tensors)")
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,14 @@ Pydantic lives here only. Every error leaves the server in OpenAI's shape
 
 from __future__ import annotations
 
+import hmac
+import json
+import re
 import time
-from typing import Any, Literal
+from collections.abc import Callable, Collection
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from experts.errors import ArtifactError, ConfigError, MoeError, UnknownExpertError
 
@@ -49,6 +53,12 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (ConfigError, 400, "invalid_request_error"),
 )
 RETRY_AFTER_S = 1
+# The largest request body read (413 beyond): a prompt is capped at serve.max_prompt_tokens anyway,
+# so this only stops a client from making the server buffer megabytes it would then refuse.
+MAX_BODY_BYTES = 4 * 2**20
+# Paths answered without an API key: the health probe, and the review page (static HTML with no data
+# in it; the page sends the key with each call to its JSON API, which the key protects).
+OPEN_PATHS = frozenset({"/health", "/review"})
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -71,20 +81,145 @@ def error_of(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return status, error_body(str(exc), kind, getattr(exc, "param", None), code)
 
 
+# Starlette's own HTTP errors (unknown path 404, wrong method 405, an unreadable body 400, the
+# review API's HTTPExceptions) by status; anything else >= 500 is a server_error.
+HTTP_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+}
+
+
+async def http_error(request: Any, exc: Any) -> Any:
+    """FastAPI handler for `HTTPException`: the same OpenAI error shape as every other error."""
+    from fastapi.responses import JSONResponse
+
+    status = int(exc.status_code)
+    kind = HTTP_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if status == 400 and message == "There was an error parsing the body":  # e.g. invalid UTF-8
+        message = "the request body is not valid UTF-8 JSON"
+    headers = dict(getattr(exc, "headers", None) or {})
+    return JSONResponse(error_body(message, kind, None, None), status_code=status, headers=headers)
+
+
+# pydantic names union members in an error's location (`prompt.str`, `content.list[ContentPart]`,
+# `function-after[...]`); the client wants the field (`prompt`, `messages.0.content`).
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none)$|[\[(]")
+
+
+def error_param(loc: Collection[Any]) -> str | None:
+    """The request field a validation error's location names, OpenAI style (`messages.0.role`)."""
+    parts = [str(p) for p in loc if p != "body" and not _UNION_MEMBER.search(str(p))]
+    return ".".join(parts) or None
+
+
+def key_accepted(authorization: str, keys: Collection[str]) -> bool:
+    """`Authorization: Bearer <key>` names one of `keys` (compared in constant time)."""
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return False
+    given_bytes = given.strip().encode()
+    return any(hmac.compare_digest(given_bytes, key.encode()) for key in keys)
+
+
+class Gate:
+    """ASGI middleware in front of every route, before FastAPI reads the body.
+
+    With API keys set (`keys()` non-empty), a request to any path but OPEN_PATHS without a valid
+    `Authorization: Bearer <key>` gets 401, so nothing (not even validation) answers a caller without
+    a key. A body over MAX_BODY_BYTES gets 413 (by its Content-Length, or while it streams in).
+    `keys()` returns None while the keys are not known yet (the replica is starting): 503.
+    """
+
+    def __init__(self, app: Any, keys: Callable[[], Collection[str] | None], max_body: int = MAX_BODY_BYTES):
+        self.app = app
+        self.keys = keys
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi import HTTPException
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        if scope["path"].rstrip("/") not in OPEN_PATHS:
+            keys = self.keys()
+            if keys is None:
+                return await self._reply(
+                    scope, receive, send, 503, "service_unavailable", "the server is starting"
+                )
+            if keys and not key_accepted(headers.get("authorization", ""), keys):
+                message = "missing or invalid API key (Authorization: Bearer <key>)"
+                return await self._reply(scope, receive, send, 401, "authentication_error", message)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self._reply(scope, receive, send, 413, "invalid_request_error", self._too_large())
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:  # a chunked body: FastAPI re-raises HTTPException to our handler
+                raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _too_large(self) -> str:
+        return f"the request body is over {self.max_body // 2**20} MiB"
+
+    @staticmethod
+    async def _reply(scope: Any, receive: Any, send: Any, status: int, kind: str, message: str) -> None:
+        from fastapi.responses import JSONResponse
+
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        await JSONResponse(error_body(message, kind), status_code=status, headers=headers)(
+            scope, receive, send
+        )
+
+
+def _valid_text(value: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (`"\\ud800"`); no tokenizer or encoder accepts them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode (lone surrogate at position {exc.start})") from None
+    return value
+
+
+# Every string a request brings: valid Unicode, so a bad character is a 400, not a crash downstream.
+Text = Annotated[str, AfterValidator(_valid_text)]
+# Below this a temperature is greedy in all but name, and dividing fp32 log-probabilities by it
+# overflows to inf/nan (which would fail the whole decode batch): treat it as 0.
+MIN_TEMPERATURE = 1e-3
+
+
 # --------------------------------------------------------------------------------------------
 # Request bodies. Unknown OpenAI fields are accepted and ignored (clients send many).
 # --------------------------------------------------------------------------------------------
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = AUTO
+    model: Text = AUTO
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = 1
     ignore_eos: bool = False  # vLLM's extension: decode exactly max_tokens (benchmarks)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_min(cls, value: float | None) -> float | None:
+        return 0.0 if value is not None and value < MIN_TEMPERATURE else value
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -95,15 +230,15 @@ class _Body(BaseModel):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: str = "text"
-    text: str = ""
+    type: Text = "text"
+    text: Text = ""
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -119,7 +254,7 @@ class ChatCompletionRequest(_Body):
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     def text(self) -> str:
         if isinstance(self.prompt, str):
@@ -132,7 +267,7 @@ class CompletionRequest(_Body):
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    text: str | None = None
+    text: Text | None = None
     messages: list[ChatMessage] | None = None
     policy: Literal["top1", "mixture", "fallback"] | None = None
 
