@@ -175,12 +175,21 @@ api = FastAPI(title="moe-experts", docs_url=None, redoc_url=None, openapi_url=No
 api.add_exception_handler(HTTPException, http_error)  # 404/405/413/unreadable body: OpenAI's shape
 
 
+def _ingress() -> Any:
+    """The Ingress of the replica this runs in; None outside a replica or while it is constructed.
+
+    Asked of Ray Serve, not kept in a module global: Serve runs a copy of the Ingress class pickled
+    by value, whose globals are a copy too, while the routes below see this module's own.
+    """
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # outside a replica
+        return None
+
+
 def _replica_keys() -> set[str] | None:
     """The API keys of the ingress replica this runs in; None until its constructor has run."""
-    try:
-        return serve.get_replica_context().servable_object.api_keys
-    except Exception:  # outside a replica, or the replica is still constructing its Ingress
-        return None
+    return getattr(_ingress(), "api_keys", None)
 
 
 api.add_middleware(Gate, keys=_replica_keys)  # API keys and the body cap, before anything else
@@ -227,21 +236,21 @@ _REPLICA: dict[str, Any] = {}
 
 
 def _require_key(request: Request) -> None:
-    ingress = _REPLICA.get("ingress")
+    ingress = _ingress()
     if ingress is None:
         raise UnavailableError("the ingress is starting")
     ingress._auth(request)
 
 
 def _replica_log() -> QueryLog:
-    ingress = _REPLICA.get("ingress")
+    ingress = _ingress()
     if ingress is None or ingress.log is None:
         raise UnavailableError("the query log is off (serve.log_queries: false)")
     return ingress.log
 
 
 def _review_labels() -> list[str] | None:
-    ingress = _REPLICA.get("ingress")
+    ingress = _ingress()
     return list(ingress.router.labels) if ingress is not None and ingress.router is not None else None
 
 
