@@ -1,0 +1,72 @@
+"""Faults on the real endpoint: an expert-pool replica process is killed under load. Requests in flight
+fail cleanly (an OpenAI-shaped 503/500, never a hang) or succeed, Ray Serve starts a new replica, and
+the endpoint answers normally again within a bounded time (printed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.serving.hardening.conftest import assert_openai_error
+from tests.serving.hardening.test_load import TIMEOUT_S, burst
+
+pytestmark = pytest.mark.serve
+
+RECOVERY_LIMIT_S = 120.0
+
+
+def pool_replica_names() -> list[str]:
+    """Names of the live expert-pool replica actors (Ray Serve names them after the deployment)."""
+    import ray
+
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and "pool_" in a["name"] and "REPLICA" in a["name"].upper()
+    ]
+
+
+def test_killing_a_pool_replica_under_load(endpoint):
+    import ray
+
+    (victim,) = pool_replica_names()
+    body = {
+        "model": "legal",
+        "messages": [{"role": "user", "content": "the licensee shall"}],
+        "max_tokens": 2,
+    }
+    assert endpoint.post("/v1/chat/completions", json=body).status_code == 200
+
+    results: list = []
+    load = threading.Thread(target=lambda: results.extend(asyncio.run(burst(endpoint, 96, 16, tag="fault"))))
+    load.start()
+    time.sleep(1.0)  # requests in flight in the pool
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    load.join(TIMEOUT_S + 30)
+    assert not load.is_alive(), "a request hung"
+
+    statuses = {}
+    for i, reply in results:
+        assert reply is not None, f"request {i} got no answer (timeout or dropped connection)"
+        statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+        if reply.status_code != 200:
+            assert reply.status_code in (500, 503), reply.text[:300]
+            assert_openai_error(reply)
+
+    while True:  # answering normally again: a completion from the (new) pool
+        reply = endpoint.post("/v1/chat/completions", json=body, timeout=30)
+        if reply.status_code == 200:
+            break
+        assert_openai_error(reply)
+        assert time.monotonic() - killed < RECOVERY_LIMIT_S, f"no recovery in {RECOVERY_LIMIT_S:.0f} s"
+        time.sleep(0.5)
+    recovery = time.monotonic() - killed
+    print(f"\nfault: killed {victim}; in-flight statuses {statuses}; answering again after {recovery:.1f} s")
+    assert pool_replica_names() and pool_replica_names() != [victim]
+    assert reply.json()["usage"]["completion_tokens"] == 2
+    assert httpx.get(f"{endpoint.url}/health", timeout=30).json()["status"] == "ok"
