@@ -196,9 +196,12 @@ def _valid_text(value: str) -> str:
 
 # Every string a request brings: valid Unicode, so a bad character is a 400, not a crash downstream.
 Text = Annotated[str, AfterValidator(_valid_text)]
-# Below this a temperature is greedy in all but name, and dividing fp32 log-probabilities by it
-# overflows to inf/nan (which would fail the whole decode batch): treat it as 0.
+# Sampling knobs at the edge of fp32 fail the whole decode batch (every request in it), so they are
+# moved to values that mean the same. Below MIN_TEMPERATURE sampling is greedy in all but name, and
+# dividing log-probabilities by it overflows to inf/nan: it becomes 0 (greedy). A top_p below
+# MIN_TOP_P keeps the top token only, as MIN_TOP_P does, but under fp32's range (5e-324) it kept none.
 MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +223,11 @@ class _Body(BaseModel):
     @classmethod
     def _greedy_below_min(cls, value: float | None) -> float | None:
         return 0.0 if value is not None and value < MIN_TEMPERATURE else value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_token_below_min(cls, value: float | None) -> float | None:
+        return MIN_TOP_P if value is not None and value < MIN_TOP_P else value
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -162,6 +162,15 @@ HOSTILE = [
         200,
         None,
     ),
+    (
+        "top_p 5e-324 sampled",
+        CHAT,
+        _json(
+            {"model": "legal", "messages": _msgs("hi"), "max_tokens": 2, "temperature": 1, "top_p": 5e-324}
+        ),
+        200,
+        None,
+    ),
     ("path traversal model", CHAT, _json({"model": "../../etc/passwd", "messages": _msgs("hi")}), 404, None),
     ("absolute path model", COMPLETIONS, _json({"model": "/etc/passwd", "prompt": "hi"}), 404, None),
     (
