@@ -244,10 +244,16 @@ class QueryLog:
                 conn.execute(self.queries.insert(), rows)
             self.recorded += len(rows)
         except Exception as exc:
-            if len(rows) > 1 and "UNIQUE" in str(exc).upper():  # one duplicate id must not sink the batch
-                for row in rows:
-                    self._write([row])
-                return
+            if "UNIQUE" in str(exc).upper():
+                if len(rows) > 1:  # one duplicate id must not sink the batch
+                    for row in rows:
+                        self._write([row])
+                    return
+                if "~" not in rows[0]["request_id"]:  # a client reused its X-Request-Id: keep both
+                    self._write(
+                        [{**rows[0], "request_id": f"{rows[0]['request_id']}~{uuid.uuid4().hex[:8]}"}]
+                    )
+                    return
             self._drop(len(rows))
             if not self._warned:  # once: a dead database must not flood the serving log
                 log.warning("query log %s: dropped %d entries (%s)", self._safe_url(), len(rows), exc)

@@ -153,3 +153,19 @@ def test_a_database_url_works_like_a_path(tmp_path):
         log.record({"prompt": "via url", "request_id": "u1"})
     with QueryLog(url) as again:
         assert again.get("u1")["prompt"] == "via url"
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_a_reused_request_id_keeps_both_rows(tmp_path, batch):
+    """A client may send the same X-Request-Id twice; neither answer is lost, alone or in a batch."""
+    with QueryLog(tmp_path / "q.sqlite", batch_size=batch) as log:
+        log.record({"prompt": "first", "request_id": "dup"})
+        assert log.flush()
+        for prompt in ("second", "third"):
+            log.record({"prompt": prompt, "request_id": "dup"})
+        log.record({"prompt": "other", "request_id": "r9"})
+        assert log.flush()
+        rows = {r["prompt"]: r["request_id"] for r in log.requests()}
+    assert rows["first"] == "dup" and rows["other"] == "r9" and log.dropped == 0
+    assert rows["second"].startswith("dup~") and rows["third"].startswith("dup~")
+    assert rows["second"] != rows["third"]
