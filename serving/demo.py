@@ -81,7 +81,9 @@ def ask_examples(app: AppConfig, base_url: str) -> list[dict[str, Any]]:
     """One example question per expert through the official openai client, model='auto'."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key=os.environ.get("MOE_DEMO_API_KEY", "unused"), timeout=120)
+    keys = [k.strip() for k in os.environ.get(app.serve.api_keys_env, "").split(",") if k.strip()]
+    key = os.environ.get("MOE_DEMO_API_KEY") or (keys[0] if keys else "unused")  # the server's own key
+    client = OpenAI(base_url=base_url, api_key=key, timeout=120)
     answers = []
     for spec in (e for e in app.experts if e.routable):
         for question in spec.examples[:1]:
