@@ -198,7 +198,7 @@ def print_table(results: list[dict]) -> None:
     head = (
         f"{'pipeline':<34}"
         + "".join(f"{'acc@' + str(w):>8}" for w in TEST_WORDS)
-        + f"{'NQ right':>10}{'NQ in->fb':>10}{'off->fb':>9}{'p50 ms':>8}{'p99 ms':>8}{'q/s':>8}{'fit s':>7}"
+        + f"{'NQ right':>10}{'NQ in->fb':>10}{'off->fb':>9}{'p50 ms':>8}{'p99 ms':>8}{'q/s':>8}{'fit s':>7}{'load':>6}"
     )
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
@@ -208,7 +208,7 @@ def print_table(results: list[dict]) -> None:
             + "".join(f"{r['accuracy'][str(w)]:>8.3f}" for w in TEST_WORDS)
             + f"{n['in_domain_accuracy']:>10.3f}{n['in_domain_fallback_rate']:>10.3f}"
             + f"{n['off_topic_fallback_rate']:>9.3f}{r['latency']['p50_ms']:>8.2f}{r['latency']['p99_ms']:>8.2f}"
-            + f"{r['latency']['throughput_qps']:>8.0f}{r['fit_seconds']:>7.0f}"
+            + f"{r['latency']['throughput_qps']:>8.0f}{r['fit_seconds']:>7.0f}{r['latency']['load_1min']:>6.1f}"
         )
 
 

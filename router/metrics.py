@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ TEST_WORDS = (8, 16, 32, 64)
 TEST_WINDOWS_PER_SIZE = 300  # per expert and window size
 NATURAL_QUESTIONS = REPO_ROOT / "tests" / "fixtures" / "natural_questions.yaml"
 OFF_TOPIC = "off_topic"
-LATENCY_QUERIES = 200
+LATENCY_ROUNDS = 3  # passes over the queries: a busy machine's noise shows as spread between rounds
 THROUGHPUT_BATCH = 256
 
 
@@ -108,25 +109,29 @@ def natural_question_metrics(router: Router, questions: dict[str, list[str]]) ->
     }
 
 
-def latency(router: Router, queries: Sequence[str]) -> dict[str, float]:
-    """Single-query decide() latency (p50/p99, ms) on one torch thread, as a serving replica runs
-    it (several threads on a busy 2-core machine are many times slower), and batch throughput
-    (queries/s) with the process's threads."""
+def latency(router: Router, queries: Sequence[str]) -> dict[str, Any]:
+    """Single-query decide() latency (p50/p99 over LATENCY_ROUNDS passes, and each pass's p50;
+    ms) on one torch thread, as a serving replica runs it (several threads on a busy 2-core
+    machine are many times slower), the 1-minute load average it ran under, and batch
+    throughput (queries/s) with the process's threads."""
     import torch
 
     queries = list(queries) or ["What does this do?"]
     router.decide(queries[:8])  # warm-up: lazy init, allocator
-    times = []
+    rounds: list[list[float]] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    load = os.getloadavg()[0]
     try:
-        for i in range(LATENCY_QUERIES):
-            q = queries[i % len(queries)]
-            start = time.perf_counter()
-            router.decide([q])
-            times.append((time.perf_counter() - start) * 1000)
+        for _ in range(LATENCY_ROUNDS):
+            rounds.append([])
+            for q in queries:
+                start = time.perf_counter()
+                router.decide([q])
+                rounds[-1].append((time.perf_counter() - start) * 1000)
     finally:
         torch.set_num_threads(threads)
+    times = [t for r in rounds for t in r]
     batch = [queries[i % len(queries)] for i in range(THROUGHPUT_BATCH)]
     start = time.perf_counter()
     router.decide(batch)
@@ -134,6 +139,8 @@ def latency(router: Router, queries: Sequence[str]) -> dict[str, float]:
     return {
         "p50_ms": float(np.percentile(times, 50)),
         "p99_ms": float(np.percentile(times, 99)),
+        "p50_by_round_ms": [round(float(np.median(r)), 2) for r in rounds],
+        "load_1min": round((load + os.getloadavg()[0]) / 2, 2),  # mean of before and after
         "batch_size": THROUGHPUT_BATCH,
         "throughput_qps": THROUGHPUT_BATCH / elapsed,
     }

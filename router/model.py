@@ -124,6 +124,32 @@ class Router:
     def pipeline(self) -> str:
         return self.features.name
 
+    @property
+    def prototypes(self) -> np.ndarray | None:
+        return self._prototypes
+
+    @prototypes.setter
+    def prototypes(self, value: np.ndarray | None) -> None:
+        # float32 and contiguous once, here: a per-call cast copied the whole matrix per query.
+        self._prototypes = None if value is None else np.ascontiguousarray(value, dtype=np.float32)
+
+    def nearest_similarity(self, emb: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each (unit) embedding to its nearest prototype.
+
+        In torch, which keeps to the process's torch threads (one per serving replica): numpy's
+        BLAS wakes its own thread pool, which cost ~15 ms a query on a busy 2-core machine.
+        """
+        import torch
+
+        if self._prototypes is None:
+            return np.ones(len(emb), dtype=np.float32)
+        with torch.inference_mode():
+            sims = (
+                torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
+                @ torch.from_numpy(self._prototypes).T
+            )
+            return sims.amax(dim=1).numpy()
+
     # ---------------------------------------------------------------------------------------
     # Scores
     # ---------------------------------------------------------------------------------------
@@ -136,10 +162,7 @@ class Router:
         texts = [str(t) for t in texts]
         x, emb = featurize(self.features, texts)
         probs = _softmax(self.logits(x) / self.temperature)
-        if emb is not None and self.prototypes is not None:
-            similarity = (emb @ self.prototypes.T.astype(np.float32)).max(axis=1)
-        else:
-            similarity = np.ones(len(texts), dtype=np.float32)
+        similarity = np.ones(len(texts), dtype=np.float32) if emb is None else self.nearest_similarity(emb)
         return probs, similarity
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
@@ -297,7 +320,7 @@ class Router:
             fallback_model=meta["fallback_model"],
             mixture_top_k=meta["mixture_top_k"],
             mixture_min_prob=meta["mixture_min_prob"],
-            prototypes=None if prototypes is None else prototypes.astype(np.float32),
+            prototypes=prototypes,
             min_similarity=meta["min_similarity"],
             info=meta.get("info", {}),
         )
