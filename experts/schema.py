@@ -330,11 +330,13 @@ class RouterSpec:
     background_packages: tuple[PackageRef, ...] = ()
     encoder_package: PackageRef | None = None  # all-MiniLM-L6-v2 wheel for embed/combined
     c: float = 4.0  # inverse regularisation of the logistic regression
-    include_feedback: bool = False
+    include_feedback: bool = False  # train on reviewed misroutes (artifacts/feedback/router.jsonl)
+    feedback_weight: float = 10.0  # sample weight of each such row; a training window weighs 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(0 < self.target_accuracy <= 1, f"router.target_accuracy {self.target_accuracy} not in (0, 1]")
+        _check(self.feedback_weight > 0, f"router.feedback_weight {self.feedback_weight} must be > 0")
         _check(self.mixture_top_k >= 1, f"router.mixture_top_k {self.mixture_top_k} must be >= 1")
         _check(0 <= self.mixture_min_prob < 1, "router.mixture_min_prob must lie in [0, 1)")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
+import logging
 import math
 import random
 import re
@@ -22,6 +24,8 @@ from pathlib import Path
 from experts.errors import ConfigError, DataError
 from experts.registry import unpack
 from experts.schema import AppConfig, PackageRef
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 VIEWS_SHARE = 0.35  # question-style views, as a share of an expert's window budget
@@ -52,16 +56,26 @@ _PARAGRAPH = re.compile(r"\n\s*\n")
 
 @dataclass
 class Examples:
-    """Labelled texts; `kinds` says where each came from (window size or 'view')."""
+    """Labelled texts; `kinds` says where each came from (window size, 'view' or 'feedback');
+    `weights` is each text's sample weight in the classifier's loss (1 unless upweighted)."""
 
     texts: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
 
-    def add(self, texts: Sequence[str], label: str, kinds: Sequence[str]) -> None:
+    def add(self, texts: Sequence[str], label: str, kinds: Sequence[str], weight: float = 1.0) -> None:
         self.texts.extend(texts)
         self.labels.extend([label] * len(texts))
         self.kinds.extend(kinds)
+        self.weights.extend([weight] * len(texts))
+
+    def extend(self, other: Examples) -> None:
+        """Append every example of `other` (labels, kinds and weights included)."""
+        self.texts.extend(other.texts)
+        self.labels.extend(other.labels)
+        self.kinds.extend(other.kinds)
+        self.weights.extend(other.weights)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -69,11 +83,10 @@ class Examples:
     def subset(self, keep: Callable[[str, str], bool]) -> Examples:
         """The examples whose (label, kind) pass `keep`."""
         out = Examples()
-        for t, label, kind in zip(self.texts, self.labels, self.kinds, strict=True):
+        rows = zip(self.texts, self.labels, self.kinds, self.weights, strict=True)
+        for t, label, kind, weight in rows:
             if keep(label, kind):
-                out.texts.append(t)
-                out.labels.append(label)
-                out.kinds.append(kind)
+                out.add([t], label, [kind], weight)
         return out
 
 
@@ -253,3 +266,60 @@ def background_examples(app: AppConfig, split: str, budget: int, label: str) -> 
         seed=app.router.seed + SPLITS.index(split),
         views=split == "train",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Reviewed misroutes (the trust loop)
+# --------------------------------------------------------------------------------------------
+# Written by `moe feedback export` (serving/feedback.py): one JSON object a line,
+# {"text", "label", "request_id", "reviewer"}, `label` = the expert the text should have gone to.
+FEEDBACK_FILE = Path("feedback") / "router.jsonl"
+
+
+def feedback_path(app: AppConfig) -> Path:
+    """Where the reviewed misroutes the router may train on are (artifacts/feedback/router.jsonl)."""
+    return app.paths.artifacts_dir / FEEDBACK_FILE
+
+
+def feedback_examples(path: Path, labels: Sequence[str], weight: float) -> tuple[Examples, dict[str, int]]:
+    """Reviewed misroutes as training examples (kind 'feedback', sample weight `weight`).
+
+    Rows whose label is not one of `labels` (a removed expert, the generalist) are skipped with
+    a warning; a malformed row raises a DataError naming the file and line. Returns the examples
+    and {"used": n, "skipped": n}. No file: no examples, and a warning.
+    """
+    out = Examples()
+    if not path.is_file():
+        log.warning(
+            "router.include_feedback: %s does not exist (run `moe feedback export`); no feedback used", path
+        )
+        return out, {"used": 0, "skipped": 0}
+    skipped: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with 'text' and 'label'")
+            for key in ("text", "label"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise DataError(
+                        f"{path}:{lineno}: {key!r} must be a non-empty string, got {row.get(key)!r}"
+                    )
+            if row["label"] in labels:
+                out.add([row["text"]], row["label"], ["feedback"], weight)
+            else:
+                skipped[row["label"]] = skipped.get(row["label"], 0) + 1
+    if skipped:
+        log.warning(
+            "%s: skipped %d row(s) whose label is not a routable expert: %s; routable: %s",
+            path,
+            sum(skipped.values()),
+            skipped,
+            list(labels),
+        )
+    return out, {"used": len(out), "skipped": sum(skipped.values())}

@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from experts.errors import ConfigError
 from experts.schema import AppConfig, RouterSpec
 from router.calibration import choose_threshold, expected_calibration_error, fit_temperature
-from router.data import Examples, background_examples, expert_examples
+from router.data import Examples, background_examples, expert_examples, feedback_examples, feedback_path
 from router.features import Features, build_features, featurize
 from router.model import BACKGROUND, Router, routable_labels, router_dir
 
@@ -93,8 +93,9 @@ def fit_router(
     x, emb = featurize(features, train.texts)
     y = _targets(classes, train.labels)
     fit_rows = purify_background(x, y, len(labels)) if background else np.ones(len(y), dtype=bool)
+    weights = np.asarray(train.weights, dtype=np.float64)  # feedback rows weigh more than a window
     clf = LogisticRegression(C=spec.c, max_iter=3000, class_weight="balanced")
-    clf.fit(x[fit_rows], y[fit_rows])
+    clf.fit(x[fit_rows], y[fit_rows], sample_weight=weights[fit_rows])
     coef, intercept = clf.coef_, clf.intercept_
     if len(classes) == 2:  # binary: one score z; softmax over (-z/2, z/2) gives sigmoid(z)
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
@@ -126,7 +127,7 @@ def fit_router(
     similarity = np.ones(len(yv), dtype=np.float32)
     if distance and emb is not None and embv is not None:
         router.prototypes = _prototypes(emb, train.labels, labels, spec.seed)
-        similarity = (embv @ router.prototypes.T).max(axis=1)
+        similarity = router.nearest_similarity(embv)
         ref = in_domain & (words >= SIMILARITY_MIN_WORDS)
         if ref.any():
             router.min_similarity = float(np.quantile(similarity[ref], IN_DOMAIN_MISS_RATE))
@@ -201,14 +202,21 @@ def train_router(app: AppConfig) -> tuple[Router, dict[str, Any]]:
     if len(labels) < 2:
         raise ConfigError(f"the router needs at least two routable experts; config has {labels}")
     spec = app.router
-    if spec.include_feedback:
-        log.warning("router.include_feedback: reviewed corrections are not used by the router yet; ignored")
     started = time.perf_counter()
     train, validation = router_examples(app, labels)
+    feedback = {"used": 0, "skipped": 0}
+    if spec.include_feedback:
+        rows, feedback = feedback_examples(feedback_path(app), labels, spec.feedback_weight)
+        train.extend(rows)
+        log.info(
+            "router feedback: %d reviewed misroutes at weight %s", feedback["used"], spec.feedback_weight
+        )
     counts = {label: train.labels.count(label) for label in sorted(set(train.labels))}
     log.info("router training examples: %s", counts)
     features = build_features(spec.pipeline, spec.encoder_package, app.paths.downloads_dir)
     router, metrics = fit_router(labels, train, validation, spec, features)
+    metrics["feedback_rows"] = feedback["used"]  # reviewed misroutes trained on (include_feedback)
+    metrics["feedback_rows_skipped"] = feedback["skipped"]  # their label is not a routable expert
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     router.info = {
         "config": dataclasses.asdict(spec),
@@ -231,6 +239,10 @@ def train_router_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
     for words, acc in metrics["accuracy_top1_by_words"].items():
         print(f"    {words:>4} words:    {acc:.3f}")
     print(f"  threshold:       {router.threshold:.3f} for accuracy {app.router.target_accuracy}")
+    if app.router.include_feedback:
+        print(
+            f"  feedback:        {metrics['feedback_rows']} reviewed misroutes (weight {app.router.feedback_weight})"
+        )
     print(f"  coverage:        {metrics['coverage']:.3f} (accepted accuracy {metrics['accepted_accuracy']})")
     print(
         f"  ECE:             {metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f} (T={router.temperature:.2f})"
