@@ -4,6 +4,11 @@ A forward pass takes one adapter name per row, so requests for different experts
 (LoRAX / vLLM multi-LoRA style). A posterior-weighted mixture of experts expands each request into
 one row per expert and mixes their next-token distributions: log sum_k w_k p_k(x), as
 Branch-Train-Merge ensembles do.
+
+peft loads and saves the adapters and its `adapter_names` forward is the reference; `LoraStack`
+holds every loaded adapter's A and B stacked per module (punica / S-LoRA style), so a serving
+forward computes the LoRA of a batch mixing any number of adapters in a fixed number of matmuls
+per module instead of peft's gather / matmul / scatter per adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from experts.base_model import load_base_model, load_tokenizer, pick_device, pick_dtype
 from experts.errors import ArtifactError, UnknownExpertError
@@ -55,6 +61,11 @@ def check_adapter(name: str, directory: Path) -> Path:
         raise ArtifactError(
             f"expert {name!r}: {directory} holds a {config.get('peft_type')!r} adapter; "
             "only LoRA adapters are served"
+        )
+    if config.get("use_dora"):
+        raise ArtifactError(
+            f"expert {name!r}: {directory} holds a DoRA adapter; peft cannot mix DoRA with other adapters "
+            "in one batch, so it is not served (retrain it with use_dora off)"
         )
     _check_weights(name, directory / ADAPTER_FILES[1])
     return directory
@@ -110,6 +121,129 @@ class Expansion:
         return torch.stack([torch.logsumexp(logp[owner == i], dim=0) for i in range(self.n)])
 
 
+# Modules that read the same input share one stacked A (one matmul for all of them).
+_SIBLINGS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+_MEMBER_ORDER = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """The LoRA of the modules that read one input (a layer's q/k/v, its gate/up, or one module
+    alone), every adapter stacked: slot s holds `LoraStack.names[s]`."""
+
+    members: tuple[str, ...]  # module names, e.g. ("q_proj", "k_proj", "v_proj")
+    ranks: tuple[int, ...]  # per member: the largest rank over the adapters (zero rows pad smaller ones)
+    a: torch.Tensor  # [slots, R, in], R = sum(ranks): the members' A of one adapter, one after the other
+    b: tuple[torch.Tensor, ...]  # per member [out, slots * rank]: slot s owns columns s*rank .. (s+1)*rank
+    scale: torch.Tensor  # [slots, R]: lora_alpha / r of the adapter, for the member each row of `a` feeds
+
+    def mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """[rows, slots, R]: each row's own adapter's scaling, zero for the others (slot -1: no adapter)."""
+        own = slots.to(self.a.device)[:, None] == torch.arange(self.a.shape[0], device=self.a.device)
+        return own.to(self.scale.dtype)[:, :, None] * self.scale
+
+    def apply_one(self, x: torch.Tensor, outputs: Sequence[torch.Tensor], slot: int) -> None:
+        """Every row uses adapter `slot`: add each member's LoRA of x [rows, T, in] to its output."""
+        h = F.linear(x.to(self.a.dtype), self.a[slot]) * self.scale[slot]
+        at = 0
+        for rank, b, out in zip(self.ranks, self.b, outputs, strict=True):
+            out.add_(F.linear(h[..., at : at + rank], b[:, slot * rank : (slot + 1) * rank]))
+            at += rank
+
+    def apply_mixed(self, x: torch.Tensor, outputs: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
+        """Rows with different adapters (`mask` from `mask(slots)`): one matmul against every
+        adapter's A, the mask keeps each row's own (scaled), one matmul per member against every B.
+        On a CPU this beats both a gathered per-row bmm and a loop over adapters (docs/benchmarks.md)."""
+        rows, steps = x.shape[:2]
+        slots, total = self.scale.shape
+        h = F.linear(x.to(self.a.dtype), self.a.view(slots * total, -1)).view(rows, steps, slots, total)
+        h = h * mask[:, None]
+        at = 0
+        for rank, b, out in zip(self.ranks, self.b, outputs, strict=True):
+            out.add_(F.linear(h[..., at : at + rank].reshape(rows, steps, slots * rank), b))
+            at += rank
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """Every loaded adapter's LoRA weights, stacked per module group (the pool restacks on add/remove).
+
+    The stack owns the weights: peft's LoRA modules are left holding views into it, so nothing is
+    stored twice and peft's own forward (the reference) computes with the very same numbers.
+    """
+
+    names: tuple[str, ...]  # slot -> adapter name
+    groups: dict[str, LoraGroup]  # "<parent module>.<qkv | gate_up | module name>" -> its group
+
+    def slots(self, adapters: Sequence[str]) -> list[int]:
+        """Slot of each row's adapter; -1 for the base model."""
+        index = {name: slot for slot, name in enumerate(self.names)}
+        return [-1 if a in (BASE, _PEFT_BASE) else index[a] for a in adapters]
+
+    @classmethod
+    def build(
+        cls, model: Any, adapters: Mapping[str, str], dtype: torch.dtype = torch.float32
+    ) -> LoraStack | None:
+        """Stack a peft model's adapters (expert -> peft adapter name); None when one cannot be
+        stacked (a LoRA variant, a LoRA bias, LoRA on a non-linear module): peft serves."""
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+
+        loaded = set(adapters.values())
+        modules: dict[str, dict[str, Any]] = {}
+        for path, module in model.get_base_model().named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            names = loaded & {*module.lora_A, *module.lora_embedding_A}
+            if not names:  # peft keeps the wrapper of a module whose adapters were all removed
+                continue
+            if not isinstance(module, LoraLinear) or module.fan_in_fan_out:
+                return None
+            if any(n in module.lora_variant or module.lora_bias.get(n, False) for n in names):
+                return None
+            parent, _, leaf = path.rpartition(".")
+            modules.setdefault(f"{parent}.{_SIBLINGS.get(leaf, leaf)}", {})[leaf] = module
+        groups = {}
+        with torch.no_grad():
+            for key, members in modules.items():
+                group = _stack_group(members, list(adapters.values()), dtype)
+                if group is not None:
+                    groups[key] = group
+        return cls(tuple(adapters), groups)
+
+
+def _stack_group(members: dict[str, Any], names: Sequence[str], dtype: torch.dtype) -> LoraGroup | None:
+    order = sorted(members, key=lambda m: _MEMBER_ORDER.index(m) if m in _MEMBER_ORDER else 0)
+    ranks = {m: max((members[m].r[n] for n in names if n in members[m].lora_A), default=0) for m in order}
+    order = [m for m in order if ranks[m] > 0]  # a module no loaded adapter targets
+    if not order:
+        return None
+    first = members[order[0]]
+    device = first.base_layer.weight.device
+    total = sum(ranks[m] for m in order)
+    a = torch.zeros(len(names), total, first.in_features, dtype=dtype, device=device)
+    scale = torch.zeros(len(names), total, dtype=dtype, device=device)
+    bs = {
+        m: torch.zeros(members[m].out_features, len(names) * ranks[m], dtype=dtype, device=device)
+        for m in order
+    }
+    for slot, name in enumerate(names):
+        at = 0
+        for m in order:
+            module, rank = members[m], ranks[m]
+            if name in module.lora_A:
+                lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
+                r = lora_a.shape[0]
+                a[slot, at : at + r] = lora_a
+                bs[m][:, slot * rank : slot * rank + r] = lora_b
+                scale[slot, at : at + rank] = module.scaling[name]
+                # peft keeps views into the stack: one copy of the weights, the same numbers
+                lora_a.data = a[slot, at : at + r]
+                lora_b.data = bs[m][:, slot * rank : slot * rank + r]
+            at += rank
+    return LoraGroup(tuple(order), tuple(ranks[m] for m in order), a, tuple(bs[m] for m in order), scale)
+
+
 class ExpertPool:
     """The base model once, with every expert's adapter loaded by name."""
 
@@ -120,7 +254,12 @@ class ExpertPool:
         self.dtype = dtype
         self.adapters: dict[str, Path] = {}
         self.failed: dict[str, str] = {}  # expert -> reason it could not be loaded
-        self._lock = threading.RLock()  # adapter add/remove vs forward passes
+        self.lock = threading.RLock()  # adapter add/remove vs forward passes
+        self._peft: dict[str, str] = {}  # expert -> peft's name of its loaded version
+        self._loads = 0
+        # Every adapter's LoRA stacked (fp32: small, and fp32 small matmuls are the fast ones on a
+        # CPU); None when an adapter cannot be stacked, and then peft computes the LoRA.
+        self.stack: LoraStack | None = LoraStack((), {})
 
     @classmethod
     def load(
@@ -158,35 +297,46 @@ class ExpertPool:
         return pool
 
     def add(self, name: str, directory: Path) -> None:
-        """Load (or replace) an adapter under `name`."""
+        """Load (or replace) an adapter under `name`. A replacement loads beside the version it
+        replaces, which keeps serving if the new one fails to load."""
         from peft import PeftModel
 
         check_adapter(name, directory)
-        with self._lock:
+        with self.lock:
+            self._loads += 1
+            staged = f"{name}__{self._loads}"  # peft's name for this version
             try:
                 if not hasattr(self.model, "peft_config"):
                     self.model = PeftModel.from_pretrained(
-                        self.model, str(directory), adapter_name=name, is_trainable=False
+                        self.model, str(directory), adapter_name=staged, is_trainable=False
                     )
                 else:
-                    if name in self.model.peft_config:
-                        self.model.delete_adapter(name)
-                    self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+                    self.model.load_adapter(str(directory), adapter_name=staged, is_trainable=False)
             except Exception as exc:  # a loading boundary: safetensors, peft and torch all raise their own
-                if hasattr(self.model, "peft_config") and name in self.model.peft_config:
+                if hasattr(self.model, "peft_config") and staged in self.model.peft_config:
                     with contextlib.suppress(Exception):  # drop the half-registered adapter
-                        self.model.delete_adapter(name)
+                        self.model.delete_adapter(staged)
                 raise ArtifactError(f"expert {name!r}: cannot load adapter from {directory}: {exc}") from exc
+            if name in self._peft:
+                self.model.delete_adapter(self._peft[name])
+            self._peft[name] = staged
             self.model.eval()
             self.adapters[name] = directory
             self.failed.pop(name, None)
+            self._restack()
 
     def remove(self, name: str) -> None:
-        with self._lock:
+        with self.lock:
             if name not in self.adapters:
                 raise UnknownExpertError(name, list(self.adapters))
-            self.model.delete_adapter(name)
+            self.model.delete_adapter(self._peft.pop(name))
             del self.adapters[name]
+            self._restack()
+
+    def _restack(self) -> None:
+        self.stack = LoraStack.build(self.model, self._peft) if self.adapters else LoraStack((), {})
+        if self.stack is None:
+            log.warning("an adapter cannot be stacked (LoRA variant, bias or non-linear module): peft serves")
 
     def names(self) -> list[str]:
         return [BASE, *self.adapters]
@@ -222,7 +372,7 @@ class ExpertPool:
         logits_to_keep=1 computes logits of the last position only (decoding: a prefill would
         otherwise materialise [rows, T, vocab] logits it never reads); a 1-D tensor keeps those
         positions."""
-        names = [_PEFT_BASE if a == BASE else a for a in adapters]
+        names = [_PEFT_BASE if a in (BASE, _PEFT_BASE) else self._peft.get(a, a) for a in adapters]
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
             "attention_mask": attention_mask.to(self.device),
@@ -233,7 +383,7 @@ class ExpertPool:
             kwargs["position_ids"] = position_ids.to(self.device)
         if not isinstance(logits_to_keep, int) or logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        with self._lock, self.autocast():
+        with self.lock, self.autocast():
             if hasattr(self.model, "peft_config"):
                 return self.model(**kwargs, adapter_names=names)
             return self.model(**kwargs)

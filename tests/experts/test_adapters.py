@@ -11,18 +11,30 @@ from experts.adapters import Expansion, ExpertPool, check_adapter
 from experts.errors import ArtifactError, UnknownExpertError
 
 
-def make_adapter(app, directory, seed: int) -> None:
-    """A real LoRA adapter with random (non-identity) weights, saved as safetensors."""
+def make_adapter(app, directory, seed: int, **lora) -> None:
+    """A real LoRA adapter with random (non-identity) weights, saved as safetensors; `lora`
+    overrides LoraConfig fields (default r=4 on q_proj and v_proj)."""
     from peft import LoraConfig, get_peft_model
 
     from experts.base_model import load_base_model
 
     torch.manual_seed(seed)
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj"], **lora}
     model = get_peft_model(
-        load_base_model(app.base_model, app.paths),
-        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        load_base_model(app.base_model, app.paths), LoraConfig(**config, init_lora_weights=False)
     )
     model.save_pretrained(directory)
+
+
+def make_unloadable_adapter(app, directory, seed: int) -> None:
+    """An adapter that passes `check_adapter` (a sound safetensors file of LoRA weights) but does
+    not load: its A matrices have one row more than its config's rank."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(app, directory, seed)
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: torch.cat([v, v[:1]]) if "lora_A" in k else v for k, v in tensors.items()}, path)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +130,40 @@ def test_corrupt_safetensors_fails_naming_expert(pool, tmp_path, tiny_app):
     with pytest.raises(ArtifactError, match="expert 'bad'"):
         pool.add("bad", tmp_path / "bad")
     assert "bad" not in pool.names()
+
+
+@pytest.mark.parametrize("broken", ["garbage", "unloadable"])
+def test_a_replacement_that_fails_to_load_leaves_the_old_version_serving(tiny_app, tmp_path, broken):
+    pool = ExpertPool.load(tiny_app, names=[], device="cpu", precision="fp32")
+    make_adapter(tiny_app, tmp_path / "v1", seed=0)
+    pool.add("legal", tmp_path / "v1")
+    ids = torch.randint(0, 1000, (1, 9))
+    mask = torch.ones_like(ids)
+    before = pool.forward(ids, mask, ["legal"]).logits
+    peft_names, stack = set(pool.model.peft_config), pool.stack
+    if broken == "garbage":  # refused by check_adapter, before peft sees it
+        make_adapter(tiny_app, tmp_path / "v2", seed=1)
+        (tmp_path / "v2" / "adapter_model.safetensors").write_bytes(b"garbage")
+    else:  # refused by peft while it loads beside v1
+        make_unloadable_adapter(tiny_app, tmp_path / "v2", seed=1)
+    with pytest.raises(ArtifactError, match="expert 'legal'"):
+        pool.add("legal", tmp_path / "v2")
+    assert pool.adapters["legal"] == tmp_path / "v1"
+    assert set(pool.model.peft_config) == peft_names and pool.stack is stack  # nothing half-loaded
+    torch.testing.assert_close(pool.forward(ids, mask, ["legal"]).logits, before, rtol=0, atol=0)
+    # a sound replacement takes over, in place of the old version (not beside it)
+    make_adapter(tiny_app, tmp_path / "v3", seed=2)
+    pool.add("legal", tmp_path / "v3")
+    assert len(pool.model.peft_config) == 1 and pool.stack is not None and pool.stack.names == ("legal",)
+    after = pool.forward(ids, mask, ["legal"]).logits
+    assert not torch.allclose(after, before, atol=1e-4)
+    fresh = ExpertPool.load(tiny_app, names=[], device="cpu", precision="fp32")
+    fresh.add("legal", tmp_path / "v3")
+    torch.testing.assert_close(after, fresh.forward(ids, mask, ["legal"]).logits)
+
+
+def test_a_dora_adapter_is_refused_naming_it(pool, tiny_app, tmp_path):
+    make_adapter(tiny_app, tmp_path / "dora", seed=5, use_dora=True)
+    with pytest.raises(ArtifactError, match="expert 'dora': .* DoRA adapter"):
+        pool.add("dora", tmp_path / "dora")
+    assert "dora" not in pool.names()
