@@ -2,14 +2,17 @@
 
 Requests for different experts (and posterior-weighted mixtures of several) share each forward
 pass: every request is expanded into one row per expert it mixes (`Expansion`), rows run with
-their own adapter (peft `adapter_names`), and the rows of one request are mixed back into one
-next-token distribution. Prompts are left-padded; the attention mask and position ids make the
-padding invisible, so a request decodes the same tokens alone or in a batch (greedy, fp32).
-A KV cache holds the expanded rows; finished requests are dropped from it.
+their own adapter (`serving.decoder`: the pool's stacked LoRA, or peft `adapter_names`), and the
+rows of one request are mixed back into one next-token distribution. Prompts are left-padded; the
+attention mask and position ids make the padding invisible, so a request decodes the same tokens
+alone or in a batch (greedy, fp32). A KV cache holds the expanded rows; finished requests are
+dropped from it. A request that fails (a bad input, an adapter that does not load, a distribution
+that cannot be sampled) ends alone with its error; the rest of its batch decodes on.
 """
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from experts.adapters import Expansion, ExpertPool
+from serving.api import RequestError
+from serving.decoder import start_batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,12 @@ class Delta:
 
     text: str  # new text since the previous delta (may be empty while a character is incomplete)
     completion_tokens: int  # tokens generated so far
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" | None
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" | "error" | None
+    error: Exception | None = None  # why this request failed (finish_reason "error"); the batch goes on
 
 
 def _linear_gemv(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+    if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         y = torch.mv(self.weight, x.reshape(-1))
         return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
     return F.linear(x, self.weight, self.bias)
@@ -75,6 +83,20 @@ def use_gemv(model: torch.nn.Module) -> None:
             module.forward = types.MethodType(_linear_gemv, module)
 
 
+def serving_weights(pool: ExpertPool) -> None:
+    """Base weights in the pool's compute dtype: decoding reads every weight once per step, so half
+    the bytes in bf16 (autocast alone would keep fp32 weights and cast them at every step). The
+    LoRA stack stays fp32: it is small, and small fp32 matmuls are the fast ones on a CPU."""
+    if pool.dtype == torch.float32:
+        return
+    with pool.lock:
+        for name, param in pool.model.named_parameters():
+            if "lora_" not in name and param.dtype != pool.dtype:
+                param.data = param.data.to(pool.dtype)
+        if pool.device == "cpu":
+            use_gemv(pool.model)  # the HF path's single rows
+
+
 def _eos_ids(pool: ExpertPool) -> set[int]:
     ids = {pool.tokenizer.eos_token_id}
     config = getattr(pool.model, "generation_config", None)
@@ -83,26 +105,44 @@ def _eos_ids(pool: ExpertPool) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def _sample(logp: torch.Tensor, params: Sequence[SamplingParams], seen: Sequence[list[int]]) -> list[int]:
-    """Next token per row from mixed log-probabilities [n, V]."""
+def _sample(
+    logp: torch.Tensor, params: Sequence[SamplingParams], seen: Sequence[list[int]]
+) -> list[int | Exception]:
+    """Next token per row from mixed log-probabilities [n, V]; a row that cannot be sampled gets
+    its exception instead (that request ends with it, the others go on)."""
     logp = logp.float()
+    picks: list[int | Exception] = [0] * len(params)
+    broken = torch.isnan(logp).any(-1).tolist()
     for row, (p, tokens) in enumerate(zip(params, seen, strict=True)):
-        if p.repetition_penalty != 1.0 and tokens:
-            idx = torch.tensor(sorted(set(tokens)), device=logp.device)
-            vals = logp[row, idx]
-            # log-probabilities are <= 0: multiplying pushes seen tokens down (HF's rule for negatives)
-            logp[row, idx] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
-    out = logp.argmax(-1)
+        if broken[row]:
+            picks[row] = FloatingPointError("the model produced NaN log-probabilities for this request")
+        elif p.repetition_penalty != 1.0 and tokens:
+            try:
+                idx = torch.tensor(sorted(set(tokens)), device=logp.device)
+                vals = logp[row, idx]
+                # log-probabilities are <= 0: multiplying pushes seen tokens down (HF's rule for negatives)
+                logp[row, idx] = torch.where(
+                    vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty
+                )
+            except Exception as exc:  # one request's bad input must not end the batch
+                picks[row] = exc
+    greedy = logp.argmax(-1).tolist()
     for row, p in enumerate(params):
-        if p.temperature <= 0:
+        if isinstance(picks[row], Exception):
             continue
-        probs = torch.softmax(logp[row] / p.temperature, -1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # smallest prefix reaching top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        out[row] = torch.multinomial(probs, 1)[0]
-    return out.tolist()
+        if p.temperature <= 0:
+            picks[row] = greedy[row]
+            continue
+        try:
+            probs = torch.softmax(logp[row] / p.temperature, -1)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # smallest prefix reaching top_p
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            picks[row] = int(torch.multinomial(probs, 1)[0])
+        except Exception as exc:  # e.g. a NaN distribution from a NaN temperature: this row only
+            picks[row] = exc
+    return picks
 
 
 class _Text:
@@ -131,81 +171,145 @@ class _Text:
         return new, stopped
 
 
-def decode(pool: ExpertPool, requests: Sequence[GenerationRequest]) -> Iterator[list[Delta | None]]:
+def check_request(pool: ExpertPool, request: GenerationRequest) -> None:
+    """Refuse a request this pool cannot decode (each request alone: the others in its batch go on)."""
+    if not request.prompt_ids:
+        raise RequestError("a prompt needs at least one token", param="prompt")
+    vocab = pool.model.get_input_embeddings().weight.shape[0]  # peft's LoRA Embedding has no num_embeddings
+    outside = [t for t in request.prompt_ids if not 0 <= t < vocab]
+    if outside:
+        raise RequestError(
+            f"prompt token id {outside[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+        )
+    try:
+        experts = Expansion.of([dict(request.experts)]).adapters
+    except ValueError as exc:  # weights that are not positive
+        raise RequestError(str(exc)) from exc
+    pool.validate(experts)
+
+
+def load_adapters(
+    pool: ExpertPool, requests: Sequence[GenerationRequest], versions: dict[str, float]
+) -> dict[int, Exception]:
+    """Load the adapter versions the requests name that the pool lacks (experts added or retrained
+    while serving); `versions` (expert -> loaded version) is updated. Returns request index -> error
+    for the requests whose adapter failed to load: only those fail, and the version loaded before
+    (if any) stays loaded."""
+    failed: dict[str, Exception] = {}
+    errors: dict[int, Exception] = {}
+    for i, request in enumerate(requests):
+        for name, (folder, version) in request.adapters.items():
+            if name not in failed and versions.get(name) != version:
+                try:
+                    pool.add(name, Path(folder))
+                except Exception as exc:  # a loading boundary: fails the requests that need it
+                    log.error("request needs adapter %s from %s: %s", name, folder, exc)
+                    failed[name] = exc
+                else:
+                    versions[name] = version
+                    log.info("loaded adapter %s from %s", name, folder)
+            if name in failed:
+                errors.setdefault(i, failed[name])
+    return errors
+
+
+def decode(
+    pool: ExpertPool,
+    requests: Sequence[GenerationRequest],
+    failed: Mapping[int, Exception] | None = None,
+    fast: bool = True,
+) -> Iterator[list[Delta | None]]:
     """Decode a batch step by step; each step yields one entry per request, `None` once it finished.
 
+    Failures are per request: a request in `failed`, one `check_request` refuses, or one whose next
+    token cannot be sampled gets a Delta with finish_reason "error" and its exception, and the
+    others decode on. (A failing forward pass fails the batch: it is shared.) fast=False decodes
+    through the Hugging Face model and peft even where the lean decoder could.
     The caller must keep pulling until the iterator ends (it owns no other resources).
     """
     n = len(requests)
-    if n == 0:
+    errors: dict[int, Exception] = dict(failed or {})
+    for i, r in enumerate(requests):
+        if i not in errors:
+            try:
+                check_request(pool, r)
+            except Exception as exc:  # this request only
+                errors[i] = exc
+    active = [i for i in range(n) if i not in errors]  # request indices still decoding, in row order
+    step: list[Delta | None] = [None] * n
+    for i, error in errors.items():
+        step[i] = Delta("", 0, "error", error)
+    if not active:
+        if n:
+            yield step
         return
-    for r in requests:
-        if not r.prompt_ids:
-            raise ValueError("a prompt needs at least one token")
-    exp = Expansion.of([dict(r.experts) for r in requests])
-    pool.validate(exp.adapters)
+    live = [requests[i] for i in active]
+    exp = Expansion.of([dict(r.experts) for r in live])
     eos = _eos_ids(pool)
     pad = pool.tokenizer.pad_token_id if pool.tokenizer.pad_token_id is not None else min(eos)
-    width = max(len(r.prompt_ids) for r in requests)
+    width = max(len(r.prompt_ids) for r in live)
     with torch.inference_mode():
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        mask, positions = exp.expand(mask), exp.expand(positions)
-        # The last column as an index tensor, not logits_to_keep=1: slicing gives a strided
-        # [rows, 1, H] view that torch multiplies by copying the vocab matrix once per row.
-        last = torch.tensor([width - 1])
-        out = pool.forward(exp.expand(ids), mask, exp.adapters, None, positions, logits_to_keep=last)
-        cache = out.past_key_values
-        logp = exp.mix(out.logits[:, -1])
+        ids = torch.full((len(live), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(live), width), dtype=torch.long)
+        for row, r in enumerate(live):
+            ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[row, width - len(r.prompt_ids) :] = 1
+        capacity = width + max(r.params.max_tokens for r in live)
+        batch = start_batch(pool, exp.expand(ids), exp.expand(mask), exp.adapters, capacity, fast)
+        logp = exp.mix(batch.prefill())
     texts = [_Text(pool.tokenizer, r.params.stop) for r in requests]
     seen = [list(r.prompt_ids) if r.params.repetition_penalty != 1.0 else [] for r in requests]
-    active = list(range(n))  # request indices still decoding, in row order
     while True:
         with torch.inference_mode():
-            tokens = _sample(logp, [requests[i].params for i in active], [seen[i] for i in active])
-        step: list[Delta | None] = [None] * n
+            picks = _sample(logp, [requests[i].params for i in active], [seen[i] for i in active])
         keep: list[int] = []  # positions in `active` that go on
-        for j, (i, token) in enumerate(zip(active, tokens, strict=True)):
-            is_eos = token in eos and not requests[i].params.ignore_eos
-            generated = len(texts[i].tokens) + (0 if is_eos else 1)
-            at_limit = generated >= requests[i].params.max_tokens
-            new, stopped = texts[i].push(None if is_eos else token, final=is_eos or at_limit)
+        tokens: list[int] = []
+        for j, (i, pick) in enumerate(zip(active, picks, strict=True)):
+            try:
+                if isinstance(pick, Exception):
+                    raise pick
+                params = requests[i].params
+                is_eos = pick in eos and not params.ignore_eos
+                generated = len(texts[i].tokens) + (0 if is_eos else 1)
+                at_limit = generated >= params.max_tokens
+                new, stopped = texts[i].push(None if is_eos else pick, final=is_eos or at_limit)
+            except Exception as exc:  # this request ends with its error; the batch goes on
+                step[i] = Delta("", len(texts[i].tokens), "error", exc)
+                continue
             finish = "stop" if (is_eos or stopped) else ("length" if at_limit else None)
             step[i] = Delta(new, len(texts[i].tokens), finish)
             if finish is None:
                 keep.append(j)
-                if requests[i].params.repetition_penalty != 1.0:
-                    seen[i].append(token)
+                tokens.append(pick)
+                if params.repetition_penalty != 1.0:
+                    seen[i].append(pick)
         yield step
         if not keep:
             return
+        step = [None] * n
         with torch.inference_mode():
             if len(keep) < len(active):  # drop finished requests' rows from the batch and the cache
-                rows = torch.tensor([r for r, owner in enumerate(exp.owner) if owner in keep])
-                cache.batch_select_indices(rows.to(pool.device))
-                mask, positions = mask[rows], positions[rows]
+                batch.select(torch.tensor([r for r, owner in enumerate(exp.owner) if owner in keep]))
                 active = [active[j] for j in keep]
-                tokens = [tokens[j] for j in keep]
                 exp = Expansion.of([dict(requests[i].experts) for i in active])
-            step_ids = exp.expand(torch.tensor(tokens).view(-1, 1))
-            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = pool.forward(step_ids, mask, exp.adapters, cache, positions, logits_to_keep=1)
-            cache = out.past_key_values
-            logp = exp.mix(out.logits[:, -1])
+            logp = exp.mix(batch.step(exp.expand(torch.tensor(tokens).view(-1, 1))))
 
 
-def generate(pool: ExpertPool, requests: Sequence[GenerationRequest]) -> list[tuple[str, int, str]]:
-    """Decode a batch to the end: (text, completion tokens, finish reason) per request."""
+def generate(
+    pool: ExpertPool,
+    requests: Sequence[GenerationRequest],
+    failed: Mapping[int, Exception] | None = None,
+    fast: bool = True,
+) -> list[tuple[str, int, str] | Exception]:
+    """Decode a batch to the end (`decode`'s arguments): (text, completion tokens, finish reason)
+    per request, or the exception of a request that failed."""
     texts = [""] * len(requests)
-    result: list[tuple[str, int, str]] = [("", 0, "length")] * len(requests)
-    for step in decode(pool, requests):
+    result: list[tuple[str, int, str] | Exception] = [("", 0, "length")] * len(requests)
+    for step in decode(pool, requests, failed, fast):
         for i, delta in enumerate(step):
-            if delta is not None:
+            if delta is not None and delta.error is not None:
+                result[i] = delta.error
+            elif delta is not None:
                 texts[i] += delta.text
                 result[i] = (texts[i], delta.completion_tokens, delta.finish_reason or "length")
     return result

@@ -107,3 +107,65 @@ def test_gemv_linear_matches_f_linear_for_single_bf16_rows():
                 del m.forward
             assert got.shape == expected.shape
             torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_failing_request_fails_alone(pool, tiny_app, tmp_path):
+    from experts.errors import ArtifactError, UnknownExpertError
+    from serving.api import RequestError
+    from serving.engine import adapter_version, load_adapters
+    from tests.experts.test_adapters import make_unloadable_adapter
+
+    make_unloadable_adapter(tiny_app, tmp_path / "legal_v2", seed=3)  # a retrained legal that does not load
+    vocab = pool.model.get_input_embeddings().weight.shape[0]
+    good = [
+        GenerationRequest(ids(pool, "gene therapy"), {"biomedical": 1.0}, GREEDY),
+        GenerationRequest(ids(pool, "the licensee"), {"legal": 1.0}, GREEDY),  # the loaded legal
+        GenerationRequest(
+            ids(pool, "asyncio"), {"legal": 0.5, "python_docs": 0.5}, SamplingParams(max_tokens=4)
+        ),
+    ]
+    bad = {
+        RequestError: GenerationRequest((1, vocab + 5, 2), {"legal": 1.0}, GREEDY),
+        RuntimeError: GenerationRequest(  # nothing to sample from: fails at its first token
+            ids(pool, "copyright"), {"legal": 1.0}, SamplingParams(max_tokens=10, temperature=float("nan"))
+        ),
+        ArtifactError: GenerationRequest(
+            ids(pool, "copyright"), {"legal": 1.0}, GREEDY, {"legal": (str(tmp_path / "legal_v2"), 2.0)}
+        ),
+        UnknownExpertError: GenerationRequest(ids(pool, "copyright"), {"lgal": 1.0}, GREEDY),
+    }
+    batch = [good[0], bad[RequestError], good[1], bad[RuntimeError], bad[ArtifactError], good[2]]
+    batch.append(bad[UnknownExpertError])
+    versions = {name: adapter_version(folder) for name, folder in pool.adapters.items()}
+    before = dict(versions)
+    failed = load_adapters(pool, batch, versions)
+    assert list(failed) == [4] and versions == before  # the old legal keeps serving
+    results = generate(pool, batch, failed)
+    for kind, request in bad.items():
+        assert isinstance(results[batch.index(request)], kind), (kind, results[batch.index(request)])
+    assert "outside the vocabulary" in str(results[1]) and "cannot load adapter" in str(results[4])
+    assert [results[batch.index(r)] for r in good] == [generate(pool, [r])[0] for r in good]
+    # a batch of failures alone: one step of errors, then the end
+    steps = list(decode(pool, [bad[RequestError], bad[UnknownExpertError]]))
+    assert len(steps) == 1 and all(d is not None and d.finish_reason == "error" for d in steps[0])
+
+
+def test_load_adapters_loads_a_new_version_once(pool, tiny_app, serve_artifacts, tmp_path, monkeypatch):
+    from serving.engine import load_adapters
+    from tests.experts.test_adapters import make_adapter
+
+    make_adapter(tiny_app, tmp_path / "python_docs", seed=11)  # "retrained"
+    prompt = ids(pool, "def main():")
+    before = generate(pool, [GenerationRequest(prompt, {"python_docs": 1.0}, GREEDY)])[0]
+    new = {"python_docs": (str(tmp_path / "python_docs"), 7.0)}
+    batch = [GenerationRequest(prompt, {"python_docs": 1.0}, GREEDY, new)] * 2
+    versions = {"python_docs": 1.0}
+    loads = []
+    add = pool.add
+    monkeypatch.setattr(pool, "add", lambda name, folder: (loads.append(name), add(name, folder)))
+    try:
+        assert load_adapters(pool, batch, versions) == {} and versions == {"python_docs": 7.0}
+        assert loads == ["python_docs"] and pool.adapters["python_docs"] == tmp_path / "python_docs"
+        assert generate(pool, batch[:1])[0] != before
+    finally:  # the module's pool serves the original again
+        add("python_docs", serve_artifacts / "experts" / "python_docs")

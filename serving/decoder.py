@@ -1,0 +1,319 @@
+"""The decode batch: one forward pass per step for every row of a batch, with its own KV cache.
+
+Two implementations of one interface (`start_batch`):
+- `FastBatch`, a lean forward of Llama-family models (SmolLM2 is one): the Hugging Face model's
+  own weights and math, with what costs time at small batches on a CPU taken out. q/k/v and
+  gate/up are one matmul each (fused weights; the HF modules keep views into them, so nothing is
+  stored twice); a single row goes through `torch.mv` (it reads bf16 weights ~1.5x faster than
+  F.linear's single-row path here); the KV cache is preallocated per batch; RoPE comes from a
+  table; LoRA comes from the pool's `LoraStack`: one adapter for every row -> its own A and B,
+  a mix -> one matmul against every adapter's A, a per-row mask, one matmul per module against
+  every B. A test holds its logits to peft's `adapter_names` forward.
+- `HFBatch`: the Hugging Face model through peft (`ExpertPool.forward`, a DynamicCache), for every
+  other architecture or adapter kind (DoRA, LoRA on embeddings).
+
+Rows are left-padded: the padding columns are masked out of attention and positions count real
+tokens only, so a row decodes the same tokens alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from experts.adapters import ExpertPool, LoraGroup, LoraStack
+
+_ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if x.numel() == x.shape[-1] and x.device.type == "cpu":  # one row: gemv
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+    return F.linear(x, weight)
+
+
+def _fuse(linears: Sequence[Any]) -> torch.Tensor:
+    """One weight for linears that read the same input; the modules are left holding views of it."""
+    bases = [getattr(m, "base_layer", m) for m in linears]
+    fused = torch.cat([b.weight.detach() for b in bases])
+    at = 0
+    for b in bases:
+        rows = b.weight.shape[0]
+        b.weight.data = fused[at : at + rows]
+        at += rows
+    return fused
+
+
+def fast_path_problem(model: Any) -> str | None:
+    """Why `FastBatch` cannot run this HF causal LM (None: it can)."""
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    checks = {
+        "model_type is not llama": config.model_type != "llama",
+        "attention or MLP bias": bool(
+            getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
+        ),
+        "activation is not silu": config.hidden_act != "silu",
+        "rope type": rope.get("rope_type", "default") not in _ROPE_TYPES,
+        "pretraining_tp": getattr(config, "pretraining_tp", 1) != 1,
+    }
+    return next((why for why, bad in checks.items() if bad), None)
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: torch.Tensor  # fused [q + 2 kv, hidden]
+    o: torch.Tensor
+    gate_up: torch.Tensor  # fused [2 intermediate, hidden]
+    down: torch.Tensor
+    prefix: str  # "model.layers.<i>": the LoRA groups' keys start with it
+
+
+class Decoder:
+    """The weights of a Llama-family HF model, arranged for `FastBatch` (built once per pool)."""
+
+    def __init__(self, model: Any):
+        config, inner = model.config, model.model
+        self.model = model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden = config.hidden_size
+        self.intermediate = config.intermediate_size
+        self.eps = config.rms_norm_eps
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.lm_head = model.get_output_embeddings().weight
+        self.rotary = inner.rotary_emb
+        self.dtype = self.embed.dtype
+        self.layers = []
+        with torch.no_grad():
+            for i, layer in enumerate(inner.layers):
+                att, mlp = layer.self_attn, layer.mlp
+                self.layers.append(
+                    _Layer(
+                        layer.input_layernorm.weight,
+                        layer.post_attention_layernorm.weight,
+                        _fuse([att.q_proj, att.k_proj, att.v_proj]),
+                        getattr(att.o_proj, "base_layer", att.o_proj).weight,
+                        _fuse([mlp.gate_proj, mlp.up_proj]),
+                        getattr(mlp.down_proj, "base_layer", mlp.down_proj).weight,
+                        f"model.layers.{i}",
+                    )
+                )
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.slices = {
+            "q_proj": slice(0, q),
+            "k_proj": slice(q, q + kv),
+            "v_proj": slice(q + kv, q + 2 * kv),
+            "gate_proj": slice(0, self.intermediate),
+            "up_proj": slice(self.intermediate, 2 * self.intermediate),
+        }
+        self._cos = self._sin = torch.empty(0)
+
+        self.lora_keys = {
+            f"{layer.prefix}.{part}"
+            for layer in self.layers
+            for part in ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_up", "mlp.down_proj")
+        }
+
+    def current(self) -> bool:
+        """False once the HF model's weights were replaced (e.g. cast): the decoder must be rebuilt."""
+        q = self.model.model.layers[0].self_attn.q_proj
+        weight = getattr(q, "base_layer", q).weight
+        return (
+            weight.data_ptr() == self.layers[0].qkv.data_ptr()
+            and self.embed is self.model.model.embed_tokens.weight
+        )
+
+    def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [length, head_dim] for positions 0..length-1 (sin with rotate_half's sign folded in)."""
+        if self._cos.shape[0] < length:
+            size = max(length, 2 * self._cos.shape[0], 256)
+            probe = torch.empty(0, dtype=self.dtype, device=self.embed.device)
+            cos, sin = self.rotary(probe, torch.arange(size, device=self.embed.device)[None])
+            half = self.head_dim // 2
+            # rotate_half(x) * sin == flip(x halves) * [-sin, sin]
+            self._cos, self._sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return self._cos, self._sin
+
+
+_DECODERS: weakref.WeakKeyDictionary[ExpertPool, Decoder] = weakref.WeakKeyDictionary()
+
+
+def decoder_for(pool: ExpertPool) -> Decoder | None:
+    """The pool's fast decoder (built on first use), or None when the fast path cannot serve it."""
+    model = pool.model.get_base_model() if hasattr(pool.model, "peft_config") else pool.model
+    if fast_path_problem(model) is not None:
+        return None
+    decoder = _DECODERS.get(pool)
+    if decoder is None or not decoder.current():
+        with pool.lock:
+            decoder = _DECODERS[pool] = Decoder(model)
+    return decoder
+
+
+class FastBatch:
+    """One decode batch on the lean forward: its KV cache, its real-token columns, its rows' adapters."""
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        decoder: Decoder,
+        stack: LoraStack,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        adapters: Sequence[str],
+        capacity: int,
+    ):
+        self.pool, self.d, self.stack = pool, decoder, stack
+        device = decoder.embed.device
+        rows, width = ids.shape
+        with torch.inference_mode():
+            self.ids = ids.to(device)
+            self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+            self.valid[:, :width] = mask.to(device).bool()
+            self.positions = (self.valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+            shape = (len(decoder.layers), rows, decoder.kv_heads, capacity, decoder.head_dim)
+            self.k = torch.empty(shape, dtype=decoder.dtype, device=device)
+            self.v = torch.empty(shape, dtype=decoder.dtype, device=device)
+        self.length = 0  # columns of the cache filled
+        self._adapters(stack.slots(adapters))
+
+    def _adapters(self, slots: list[int]) -> None:
+        self.slots = slots
+        self.one = slots[0] if len(set(slots)) == 1 else None  # every row the same adapter (or none)
+        self.masks: dict[str, torch.Tensor] = {}  # per LoRA group, for a batch of mixed adapters
+
+    def _lora(
+        self, key: str, x: torch.Tensor, out: torch.Tensor, member_slices: dict[str, slice] | None
+    ) -> None:
+        group: LoraGroup | None = self.stack.groups.get(key)
+        if group is None or self.one == -1:
+            return
+        outputs = [out[..., member_slices[m]] if member_slices else out for m in group.members]
+        if self.one is not None:
+            group.apply_one(x, outputs, self.one)
+            return
+        if key not in self.masks:
+            self.masks[key] = group.mask(torch.tensor(self.slots))
+        group.apply_mixed(x, outputs, self.masks[key])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run ids [rows, T] at cache columns length..length+T; logits [rows, V] of the last column."""
+        d = self.d
+        rows, steps = ids.shape
+        start, end = self.length, self.length + steps
+        cos_table, sin_table = d.rope(int(positions.max()) + 1)
+        cos, sin = cos_table[positions][:, :, None], sin_table[positions][:, :, None]
+        allowed = self.valid[:, None, None, :end]
+        if steps > 1:  # causal within the new columns; a padding column sees itself (no empty rows)
+            query = torch.arange(start, end, device=ids.device)[:, None]
+            key = torch.arange(end, device=ids.device)[None]
+            allowed = (allowed & (key <= query)) | (key == query)
+        heads, kv_heads, dim = d.heads, d.kv_heads, d.head_dim
+        qk_width = (heads + kv_heads) * dim
+        x = F.embedding(ids, d.embed)
+        for i, layer in enumerate(d.layers):
+            h = F.rms_norm(x, (d.hidden,), layer.ln1, d.eps)
+            qkv = _linear(h, layer.qkv)
+            self._lora(f"{layer.prefix}.self_attn.qkv", h, qkv, d.slices)
+            qk = qkv[..., :qk_width].view(rows, steps, heads + kv_heads, dim)
+            qk = qk * cos + qk.view(rows, steps, heads + kv_heads, 2, dim // 2).flip(-2).view_as(qk) * sin
+            self.k[i, :, :, start:end] = qk[:, :, heads:].transpose(1, 2)
+            self.v[i, :, :, start:end] = qkv[..., qk_width:].view(rows, steps, kv_heads, dim).transpose(1, 2)
+            att = F.scaled_dot_product_attention(
+                qk[:, :, :heads].transpose(1, 2),
+                self.k[i, :, :, :end],
+                self.v[i, :, :, :end],
+                attn_mask=allowed,
+                enable_gqa=True,
+            )
+            att = att.transpose(1, 2).reshape(rows, steps, heads * dim)
+            o = _linear(att, layer.o)
+            self._lora(f"{layer.prefix}.self_attn.o_proj", att, o, None)
+            x = x + o
+            h = F.rms_norm(x, (d.hidden,), layer.ln2, d.eps)
+            gate_up = _linear(h, layer.gate_up)
+            self._lora(f"{layer.prefix}.mlp.gate_up", h, gate_up, d.slices)
+            act = F.silu(gate_up[..., : d.intermediate]) * gate_up[..., d.intermediate :]
+            down = _linear(act, layer.down)
+            self._lora(f"{layer.prefix}.mlp.down_proj", act, down, None)
+            x = x + down
+        self.length = end
+        return _linear(F.rms_norm(x[:, -1], (d.hidden,), d.norm, d.eps), d.lm_head)
+
+    def prefill(self) -> torch.Tensor:
+        with self.pool.lock, torch.inference_mode():
+            return self._forward(self.ids, self.positions)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row [rows, 1]; logits [rows, V] of the next."""
+        with self.pool.lock, torch.inference_mode():
+            self.valid[:, self.length] = True
+            self.positions = self.positions[:, -1:] + 1
+            return self._forward(tokens.to(self.valid.device), self.positions)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (finished requests leave the batch and the cache)."""
+        with torch.inference_mode():
+            rows = rows.to(self.valid.device)
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+            self.valid, self.positions = self.valid[rows], self.positions[rows]
+            self._adapters([self.slots[r] for r in rows.tolist()])
+
+
+class HFBatch:
+    """One decode batch through the Hugging Face model and peft (`ExpertPool.forward`)."""
+
+    def __init__(self, pool: ExpertPool, ids: torch.Tensor, mask: torch.Tensor, adapters: Sequence[str]):
+        self.pool, self.ids, self.mask, self.adapters = pool, ids, mask, list(adapters)
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache: Any = None
+
+    def prefill(self) -> torch.Tensor:
+        # The last column as an index tensor, not logits_to_keep=1: slicing gives a strided
+        # [rows, 1, H] view that torch multiplies by copying the vocab matrix once per row.
+        last = torch.tensor([self.ids.shape[1] - 1])
+        out = self.pool.forward(self.ids, self.mask, self.adapters, None, self.positions, logits_to_keep=last)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype)], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        out = self.pool.forward(
+            tokens, self.mask, self.adapters, self.cache, self.positions, logits_to_keep=1
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.cache.batch_select_indices(rows.to(self.pool.device))
+            self.mask, self.positions = self.mask[rows], self.positions[rows]
+            self.adapters = [self.adapters[r] for r in rows.tolist()]
+
+
+def start_batch(
+    pool: ExpertPool,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    adapters: Sequence[str],
+    capacity: int,
+    fast: bool = True,
+) -> FastBatch | HFBatch:
+    """A decode batch of left-padded rows ids/mask [rows, width], row i with adapter `adapters[i]`,
+    room for `capacity` columns in all; the fast path where it can serve, else the HF model."""
+    decoder = decoder_for(pool) if fast else None
+    stack = pool.stack
+    if decoder is not None and stack is not None and set(stack.groups) <= decoder.lora_keys:
+        return FastBatch(pool, decoder, stack, ids, mask, adapters, capacity)
+    return HFBatch(pool, ids, mask, adapters)
