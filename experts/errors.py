@@ -27,3 +27,7 @@ class UnknownExpertError(MoeError):
         self.name = name
         self.available = sorted(available)
         super().__init__(f"unknown expert {name!r}; available: {self.available}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:
+        # rebuilt from its fields, not its message: it travels between Ray Serve processes
+        return type(self), (self.name, self.available)

@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -105,36 +104,15 @@ class ExpertPoolDeployment:
         import torch
 
         from experts.adapters import ExpertPool
+        from serving.engine import serving_weights
 
         torch.set_num_threads(torch_threads)  # replicas share cores; oversubscribed threads fight
         self.pool = ExpertPool.load(app, names, strict=False)
-        self._cast()
+        serving_weights(self.pool)  # adapters loaded later wrap these same base weights
         self.versions = {name: adapter_version(folder) for name, folder in self.pool.adapters.items()}
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
         log.info("expert pool ready: %s on %s (%s)", self.pool.names(), self.pool.device, self.pool.dtype)
-
-    def _cast(self) -> None:
-        import torch
-
-        from serving.engine import use_gemv
-
-        if self.pool.dtype != torch.float32:
-            # Weights in bf16: decoding reads every weight once per step, so half the bytes
-            # (autocast alone would keep fp32 weights and cast them at every step).
-            self.pool.model.to(self.pool.dtype)
-            if self.pool.device == "cpu":
-                use_gemv(self.pool.model)
-
-    def _ensure_adapters(self, requests: list[GenerationRequest]) -> None:
-        """Load adapters this replica lacks (added or retrained since it started)."""
-        for request in requests:
-            for name, (folder, version) in request.adapters.items():
-                if self.versions.get(name) != version:
-                    self.pool.add(name, Path(folder))
-                    self._cast()
-                    self.versions[name] = version
-                    log.info("loaded adapter %s from %s", name, folder)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream one request's deltas (call with `handle.options(stream=True)`)."""
@@ -145,11 +123,14 @@ class ExpertPoolDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _decode_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        """Decode the batch; each step yields one Delta per request (StopIteration once it ended)."""
-        from serving.engine import decode
+        """Decode the batch; each step yields one Delta per request (StopIteration once it ended).
+        A request that fails (its adapter does not load, its input is refused) gets a Delta with
+        its error; the others decode on."""
+        from serving.engine import decode, load_adapters
 
-        await asyncio.to_thread(self._ensure_adapters, requests)
-        steps = decode(self.pool, requests)
+        # Adapters added or retrained since this replica started load first (this request's version).
+        failed = await asyncio.to_thread(load_adapters, self.pool, requests, self.versions)
+        steps = decode(self.pool, requests, failed)
         while True:
             # Torch runs in a worker thread so the event loop keeps accepting requests meanwhile.
             step = await asyncio.to_thread(next, steps, None)
@@ -218,6 +199,11 @@ async def _typed_error(request: Request, exc: MoeError) -> JSONResponse:
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
+
+
+def _error_type(response: JSONResponse) -> str:
+    """The OpenAI error type of an error response (the query log's status of a failed request)."""
+    return str(json.loads(bytes(response.body))["error"]["type"])
 
 
 _RID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -521,17 +507,18 @@ class Ingress:
             adapters = {k: self.sources[k] for k in experts if k in self.sources}
             request_ = GenerationRequest(tuple(prompt), experts, params, adapters)
             stream = handle.options(stream=True).generate.remote(request_)
-            first: Delta = (
-                await stream.__anext__()
-            )  # queue-full and pool errors surface here, before any byte
+            # Queue-full and pool errors surface here, before any byte: a typed HTTP error.
+            first: Delta = await stream.__anext__()
+            if first.error is not None:  # the pool refused this request (its batch went on)
+                raise first.error
         except Exception as exc:  # the top of a request: every failure becomes one typed HTTP error
             response = self._error(exc, rid)
             expert = decision.expert if decision is not None else body.model
             self.metrics.finished(expert, getattr(decision, "decision", "none"), response.status_code, 0.0)
             if not isinstance(exc, AuthError):  # an unauthenticated caller writes nothing
-                status = json.loads(response.body)["error"]["type"]
+                outcome = _error_type(response)
                 self._record(
-                    self._entry(rid, arrived, started, body, route_text, decision, "", [], prompt, 0, status)
+                    self._entry(rid, arrived, started, body, route_text, decision, "", [], prompt, 0, outcome)
                 )
             return response
         routing = {k: getattr(decision, k) for k in ROUTING_KEYS}
@@ -542,11 +529,10 @@ class Ingress:
             "model": decision.expert,
         }
 
-        def done(text: str, tokens: int, status: int = 200) -> None:
+        def done(text: str, tokens: int, status: int = 200, outcome: str = "ok") -> None:
             self.metrics.finished(
                 decision.expert, decision.decision, status, time.perf_counter() - started, len(prompt), tokens
             )
-            outcome = {200: "ok", 499: "client_closed"}.get(status, "server_error")
             self._record(
                 self._entry(
                     rid, arrived, started, body, route_text, decision, text, sources, prompt, tokens, outcome
@@ -562,11 +548,14 @@ class Ingress:
         text, last = first.text, first
         try:
             async for delta in stream:
+                if delta.error is not None:  # failed mid-decode (e.g. a distribution it cannot sample)
+                    raise delta.error
                 text += delta.text
                 last = delta
         except Exception as exc:
-            done(text, last.completion_tokens, 500)
-            return self._error(exc, rid)
+            response = self._error(exc, rid)
+            done(text, last.completion_tokens, response.status_code, _error_type(response))
+            return response
         done(text, last.completion_tokens)
         usage = {
             "prompt_tokens": len(prompt),
@@ -647,6 +636,8 @@ class Ingress:
             pending: list[Delta] = [first]
             while True:
                 for delta in pending:
+                    if delta.error is not None:  # failed mid-decode: an error event ends the stream
+                        raise delta.error
                     last = delta
                     if delta.text:
                         text += delta.text
@@ -666,15 +657,14 @@ class Ingress:
             yield "data: [DONE]\n\n"
             finished = True
             done(text, last.completion_tokens)
-        except Exception:  # headers are gone: report in-band, as OpenAI does
+        except Exception as exc:  # headers are gone: report in-band, as OpenAI does
             finished = True
-            rid = meta["id"].split("-", 1)[1]
-            log.exception("stream %s failed", rid)
-            done(text, last.completion_tokens, 500)
-            yield _sse(error_body(f"internal error during streaming (request id {rid})", "server_error"))
+            response = self._error(exc, meta["id"].split("-", 1)[1])  # logs a 500 with the request id
+            done(text, last.completion_tokens, response.status_code, _error_type(response))
+            yield f"data: {bytes(response.body).decode()}\n\n"
         finally:
             if not finished:  # the client went away mid-stream: log what it was sent
-                done(text, last.completion_tokens, 499)
+                done(text, last.completion_tokens, 499, "client_closed")
 
     # -- routes ------------------------------------------------------------------------------
     @api.get("/health")

@@ -190,3 +190,33 @@ def test_reload_picks_up_a_retrained_adapter(url, client, tiny_app, serve_artifa
     assert reply.status_code == 200, reply.text
     assert reply.json()["experts"] == sorted(SERVED) and reply.json()["added"] == []
     assert client.completions.create(**ask).choices[0].text != before
+
+
+def test_an_adapter_that_fails_to_load_fails_only_its_requests(url, client, tiny_app, serve_artifacts):
+    from tests.experts.test_adapters import make_adapter, make_unloadable_adapter
+
+    root = url.removesuffix("/v1")
+    folder = serve_artifacts / "experts" / "legal"
+    make_unloadable_adapter(tiny_app, folder, seed=98)  # "retrained": passes the startup check, not the load
+
+    def ask(model: str, stream: bool = False) -> httpx.Response:
+        body = {"model": model, "prompt": "the licensee shall", "max_tokens": 6, "temperature": 0}
+        return httpx.post(f"{url}/completions", json={**body, "stream": stream}, timeout=60)
+
+    try:
+        assert httpx.post(f"{root}/admin/reload", timeout=60).status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # likely one batch; either way:
+            broken, streamed, fine = pool.map(ask, ["legal", "legal", "biomedical"], [False, True, False])
+        for reply in (broken, streamed):  # a typed error before any byte, streamed or not
+            assert reply.status_code == 503 and reply.headers["retry-after"] == "1", reply.text
+            error = reply.json()["error"]
+            assert error["type"] == "service_unavailable", error
+            assert "expert 'legal': cannot load adapter" in error["message"]
+        assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] == 6
+    finally:
+        make_adapter(tiny_app, folder, seed=99)  # sound again (the retrained legal of the test above)
+        assert httpx.post(f"{root}/admin/reload", timeout=60).status_code == 200
+    assert (
+        client.completions.create(model="legal", prompt="the licensee", max_tokens=4).usage.completion_tokens
+        == 4
+    )
