@@ -237,14 +237,18 @@ def bench_routing(url: str, expert: str, repeats: int) -> dict[str, Any]:
 
 
 def memory(app: AppConfig, names: list[str], dtype: Any) -> dict[str, Any]:
+    """Bytes the pool holds as it serves: base weights at the serving dtype, the LoRA stack in fp32
+    (peft's LoRA parameters are views into it), each storage counted once."""
+    from serving.engine import serving_weights
+
     pool = ExpertPool.load(app, names, device="cpu")
-    pool.model.to(dtype)
-    seen, total = set(), 0
+    assert pool.dtype == dtype, (pool.dtype, dtype)
+    serving_weights(pool)
+    stacked = [t for g in (pool.stack.groups.values() if pool.stack else ()) for t in (g.a, g.scale, *g.b)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in stacked}
     for p in pool.model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return {"pool_bytes": total}
+        storages.setdefault(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
+    return {"pool_bytes": sum(storages.values())}
 
 
 def machine() -> dict[str, Any]:
