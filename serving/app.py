@@ -55,7 +55,7 @@ from serving.api import (
     key_accepted,
     now,
 )
-from serving.engine import Delta, GenerationRequest, SamplingParams, adapter_version
+from serving.engine import Delta, GenerationRequest, SamplingParams, adapter_version, coalesce
 from serving.querylog import QueryEntry, QueryLog, query_log_url
 from serving.review import review_router
 
@@ -115,11 +115,21 @@ class ExpertPoolDeployment:
         log.info("expert pool ready: %s on %s (%s)", self.pool.names(), self.pool.device, self.pool.dtype)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream one request's deltas (call with `handle.options(stream=True)`)."""
+        """Stream one request's deltas (call with `handle.options(stream=True)`): one per token, or
+        for `request.stream` False two: the first token's (a refusal surfaces before any byte) and
+        the rest in one (each message through Ray costs more than a batch-1 decode step)."""
         # A plain async generator in front of the batched one: Ray Serve 2.60 treats the
         # `@serve.batch` wrapper of a generator as a sync method and refuses to stream it.
+        held: list[Delta] = []
+        first = True
         async for delta in self._decode_batch(request):
-            yield delta
+            if request.stream or first:
+                first = False
+                yield delta
+            else:
+                held.append(delta)
+        if held:
+            yield coalesce(held)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _decode_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
@@ -505,7 +515,7 @@ class Ingress:
             )
             # The adapter versions let a replica that lacks one (added while serving) load it first.
             adapters = {k: self.sources[k] for k in experts if k in self.sources}
-            request_ = GenerationRequest(tuple(prompt), experts, params, adapters)
+            request_ = GenerationRequest(tuple(prompt), experts, params, adapters, stream=bool(body.stream))
             stream = handle.options(stream=True).generate.remote(request_)
             # Queue-full and pool errors surface here, before any byte: a typed HTTP error.
             first: Delta = await stream.__anext__()

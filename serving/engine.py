@@ -51,6 +51,9 @@ class GenerationRequest:
     # slug -> (adapter folder, version): a replica that lacks this version loads it first, so
     # experts added or retrained while serving reach every replica without a restart.
     adapters: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    # False: the caller wants the whole text only, so a server sends it in one piece at the end
+    # (`coalesce`) instead of one message per token. `decode` itself always steps token by token.
+    stream: bool = True
 
 
 def adapter_version(folder: Path) -> float:
@@ -95,6 +98,13 @@ def serving_weights(pool: ExpertPool) -> None:
                 param.data = param.data.to(pool.dtype)
         if pool.device == "cpu":
             use_gemv(pool.model)  # the HF path's single rows
+
+
+def coalesce(deltas: Sequence[Delta]) -> Delta:
+    """Consecutive deltas of one request as one: their text, the last count and finish reason, an error."""
+    last = deltas[-1]
+    error = next((d.error for d in deltas if d.error is not None), None)
+    return Delta("".join(d.text for d in deltas), last.completion_tokens, last.finish_reason, error)
 
 
 def _eos_ids(pool: ExpertPool) -> set[int]:

@@ -3,6 +3,7 @@ driven through the official `openai` client and plain HTTP. Started once for the
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 
 import httpx
@@ -109,6 +110,26 @@ def test_chat_streaming(client):
         temperature=0,
     )
     assert text == whole.choices[0].message.content
+
+
+def test_the_pool_sends_a_non_streamed_request_in_two_messages(url):
+    from ray import serve
+
+    from serving.app import APP_NAME
+    from serving.engine import GenerationRequest, SamplingParams
+
+    handle = serve.get_deployment_handle("pool_tiny", APP_NAME).options(stream=True)
+
+    async def deltas(stream: bool) -> list:
+        request = GenerationRequest(
+            tuple(range(5, 12)), {"legal": 1.0}, SamplingParams(max_tokens=9, ignore_eos=True), stream=stream
+        )
+        return [d async for d in handle.generate.remote(request)]
+
+    streamed, whole = asyncio.run(deltas(True)), asyncio.run(deltas(False))
+    assert len(streamed) == 9 and len(whole) == 2  # the first token's (errors surface first), the rest
+    assert "".join(d.text for d in whole) == "".join(d.text for d in streamed)
+    assert (whole[-1].completion_tokens, whole[-1].finish_reason) == (9, "length")
 
 
 def test_completions_streaming(client):

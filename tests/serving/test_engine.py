@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.engine import GenerationRequest, SamplingParams, decode, generate
+from serving.engine import Delta, GenerationRequest, SamplingParams, coalesce, decode, generate
 from tests.serving.conftest import SERVED
 
 
@@ -70,6 +70,13 @@ def test_requests_finish_independently_and_stream_deltas(pool):
     assert counts == [3, 8, 5]
     streamed = "".join(s[1].text for s in steps if s[1] is not None)
     assert streamed == generate(pool, [requests[1]])[0][0]
+
+
+def test_coalesced_deltas_are_the_whole_rest_of_a_request():
+    deltas = [Delta("Hel", 2), Delta("", 3), Delta("lo", 4, "length")]
+    assert coalesce(deltas) == Delta("Hello", 4, "length")
+    error = FloatingPointError("NaN")
+    assert coalesce([Delta(" a", 5), Delta("", 5, "error", error)]) == Delta(" a", 5, "error", error)
 
 
 def test_stop_string_ends_generation(pool):
