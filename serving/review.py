@@ -9,8 +9,10 @@ The web page is a FastAPI `APIRouter` the ingress mounts: `app.include_router(re
 experts))`. Its routes: GET /review (the page), GET /review/api/queue, POST /review/api/{request_id}.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route's `body: ReviewIn` when the
+# ingress replica rebuilds its routes, from the globals Ray Serve pickled with the (nested) endpoint;
+# a string annotation there does not resolve, and the body became a required *query* parameter
+# (every POST /review/api/... answered 400).
 import getpass
 import json
 import os
