@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import math
 import random
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experts.data.jsonl import jsonl_objects, require_strings
 from experts.errors import ConfigError, DataError
 from experts.registry import unpack
 from experts.schema import AppConfig, PackageRef
@@ -295,25 +295,12 @@ def feedback_examples(path: Path, labels: Sequence[str], weight: float) -> tuple
         )
         return out, {"used": 0, "skipped": 0}
     skipped: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with 'text' and 'label'")
-            for key in ("text", "label"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise DataError(
-                        f"{path}:{lineno}: {key!r} must be a non-empty string, got {row.get(key)!r}"
-                    )
-            if row["label"] in labels:
-                out.add([row["text"]], row["label"], ["feedback"], weight)
-            else:
-                skipped[row["label"]] = skipped.get(row["label"], 0) + 1
+    for lineno, row in jsonl_objects(path, "a JSON object with 'text' and 'label'"):
+        require_strings(path, lineno, row, ("text", "label"))
+        if row["label"] in labels:
+            out.add([row["text"]], row["label"], ["feedback"], weight)
+        else:
+            skipped[row["label"]] = skipped.get(row["label"], 0) + 1
     if skipped:
         log.warning(
             "%s: skipped %d row(s) whose label is not a routable expert: %s; routable: %s",

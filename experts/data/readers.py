@@ -9,13 +9,13 @@ Face dataset); `experts.data.sources` holds the readers of the registry packages
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experts.data.jsonl import jsonl_objects
 from experts.errors import ConfigError, DataError
 from experts.schema import DataSpec, PackageRef, PathsSpec
 
@@ -105,24 +105,17 @@ def markdown_to_text(text: str) -> str:
 
 def _rows(path: Path, text_field: str, rel: str) -> Iterator[Document]:
     """Documents from a JSONL file, one per line; the error names file and line number."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object with a string field {text_field!r} "
-                    "(set data.text_field to the field that holds the text)"
-                )
-            yield Document(
-                doc_id=str(row.get("id", f"{rel}:{lineno}")),
-                text=row[text_field],
-                title=str(row.get("title", "")),
+    expected = f"a JSON object with a string field {text_field!r}"
+    for lineno, row in jsonl_objects(path, expected):
+        if not isinstance(row.get(text_field), str):
+            raise DataError(
+                f"{path}:{lineno}: expected {expected} (set data.text_field to the field that holds the text)"
             )
+        yield Document(
+            doc_id=str(row.get("id", f"{rel}:{lineno}")),
+            text=row[text_field],
+            title=str(row.get("title", "")),
+        )
 
 
 def _csv_rows(path: Path, text_field: str, rel: str) -> Iterator[Document]:
