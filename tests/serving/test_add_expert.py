@@ -1,9 +1,9 @@
 """Adding a seventh expert to a running endpoint: one YAML file, `moe add-expert`, no failed request.
 
-Two user experts (astronomy and cooking notes written for the test) are built, trained and served
-for real on the tiny base model; then a third (gardening) is added with `add_expert` while a
-background stream of requests runs. Every request must succeed, and afterwards gardening queries
-must reach the new expert.
+Six user experts (astronomy, cooking, sailing, chess, weather and pottery notes written for the test)
+are built, trained and served for real on the tiny base model; then a seventh (gardening) is added
+with `add_expert` while a background stream of requests runs. Every request must succeed, and
+afterwards gardening queries must reach the new expert.
 """
 
 from __future__ import annotations
@@ -38,6 +38,25 @@ GARDEN = [
     "hedge",
     "lawn",
 ]
+# Vocabularies of the other user experts (astronomy is tests.conftest.TOY_WORDS, cooking COOKING).
+MORE = {
+    "sail": [
+        "keel",
+        "mast",
+        "jib",
+        "tack",
+        "hull",
+        "rudder",
+        "anchor",
+        "starboard",
+        "port",
+        "gybe",
+        "halyard",
+    ],
+    "chess": ["pawn", "rook", "bishop", "knight", "castling", "gambit", "checkmate", "endgame", "opening"],
+    "weather": ["cyclone", "humidity", "isobar", "drizzle", "barometer", "front", "monsoon", "hail", "frost"],
+    "pottery": ["kiln", "glaze", "clay", "wheel", "slip", "bisque", "stoneware", "porcelain", "throwing"],
+}
 PORT = 8141
 COMMON = [
     "base_model=tiny",
@@ -68,9 +87,13 @@ def test_add_expert_live_without_failed_requests(user_conf, tiny_app, tmp_path):
 
     write_toy_folder(tmp_path / "cook_texts", seed=5, words=COOKING)
     expert_yaml(user_conf, "cook", tmp_path / "cook_texts")
-    overrides = [*COMMON, "experts=[toy,cook]"]
+    for i, (slug, words) in enumerate(MORE.items()):
+        write_toy_folder(tmp_path / f"{slug}_texts", seed=20 + i, words=words)
+        expert_yaml(user_conf, slug, tmp_path / f"{slug}_texts")
+    six = ["toy", "cook", *MORE]
+    overrides = [*COMMON, f"experts=[{','.join(six)}]"]
     app = compose(overrides)
-    for slug in ("toy", "cook"):
+    for slug in six:
         sub = compose([*overrides, f"expert={slug}"])
         build_corpus(sub.expert, sub)
         train_expert(sub, sub.expert, sub.paths.expert_dir(slug), progress=False)
@@ -113,7 +136,7 @@ def test_add_expert_live_without_failed_requests(user_conf, tiny_app, tmp_path):
         assert "updated" in result["endpoint"], result["endpoint"]
         assert len(statuses) >= 3 and set(statuses) == {200}, statuses
         models = {m["id"] for m in httpx.get(f"{url}/models", timeout=30).json()["data"]}
-        assert {"garden", "toy", "cook", "auto", "base"} <= models
+        assert models == {"garden", *six, "auto", "base"}
         reply = httpx.post(
             f"{url}/chat/completions",
             timeout=120,
