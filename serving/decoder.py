@@ -31,10 +31,13 @@ from experts.adapters import ExpertPool, LoraGroup, LoraStack
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if x.numel() == x.shape[-1] and x.device.type == "cpu":  # one row: gemv
-        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-    return F.linear(x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but a single row on the CPU goes through `torch.mv` (it reads bf16 weights ~1.5x
+    faster than F.linear's single-row path here); mixed dtypes stay with F.linear."""
+    if x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == weight.dtype:
+        y = torch.mv(weight, x.reshape(-1))
+        return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
 
 
 def _fuse(linears: Sequence[Any]) -> torch.Tensor:
@@ -223,7 +226,7 @@ class FastBatch:
         x = F.embedding(ids, d.embed)
         for i, layer in enumerate(d.layers):
             h = F.rms_norm(x, (d.hidden,), layer.ln1, d.eps)
-            qkv = _linear(h, layer.qkv)
+            qkv = linear(h, layer.qkv)
             self._lora(f"{layer.prefix}.self_attn.qkv", h, qkv, d.slices)
             qk = qkv[..., :qk_width].view(rows, steps, heads + kv_heads, dim)
             qk = qk * cos + qk.view(rows, steps, heads + kv_heads, 2, dim // 2).flip(-2).view_as(qk) * sin
@@ -237,18 +240,18 @@ class FastBatch:
                 enable_gqa=True,
             )
             att = att.transpose(1, 2).reshape(rows, steps, heads * dim)
-            o = _linear(att, layer.o)
+            o = linear(att, layer.o)
             self._lora(f"{layer.prefix}.self_attn.o_proj", att, o, None)
             x = x + o
             h = F.rms_norm(x, (d.hidden,), layer.ln2, d.eps)
-            gate_up = _linear(h, layer.gate_up)
+            gate_up = linear(h, layer.gate_up)
             self._lora(f"{layer.prefix}.mlp.gate_up", h, gate_up, d.slices)
             act = F.silu(gate_up[..., : d.intermediate]) * gate_up[..., d.intermediate :]
-            down = _linear(act, layer.down)
+            down = linear(act, layer.down)
             self._lora(f"{layer.prefix}.mlp.down_proj", act, down, None)
             x = x + down
         self.length = end
-        return _linear(F.rms_norm(x[:, -1], (d.hidden,), d.norm, d.eps), d.lm_head)
+        return linear(F.rms_norm(x[:, -1], (d.hidden,), d.norm, d.eps), d.lm_head)
 
     def prefill(self) -> torch.Tensor:
         with self.pool.lock, torch.inference_mode():

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from experts.adapters import Expansion, ExpertPool
 from serving.api import RequestError
-from serving.decoder import start_batch
+from serving.decoder import linear, start_batch
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +71,7 @@ class Delta:
 
 
 def _linear_gemv(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-        y = torch.mv(self.weight, x.reshape(-1))
-        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
-    return F.linear(x, self.weight, self.bias)
+    return linear(x, self.weight, self.bias)
 
 
 def use_gemv(model: torch.nn.Module) -> None:
