@@ -6,7 +6,7 @@
   tokens, greedy, rows round-robin over the trained experts in artifacts/experts/), the real base
   model at the serving dtype (`serving_weights`), torch threads = serve.pool.torch_threads. The
   batch sizes alternate within each round; medians over the rounds (the machine may be busy).
-- Where one batch-1 token goes: the base weights' matmuls (`serving.decoder._linear`), the LoRA,
+- Where one batch-1 token goes: the base weights' matmuls (`serving.decoder.linear`), the LoRA,
   the rest of the forward (norms, RoPE, cache writes, attention), and the engine around it
   (mixing, sampling, detokenising).
 Compare batch 1 with the endpoint's batch-1 tok/s (benchmarks/serve_bench.py): the difference is
@@ -97,7 +97,7 @@ def breakdown(pool: ExpertPool, rounds: int) -> dict[str, Any]:
     for _ in range(rounds):
         linear, lora, forward = [0.0], [0.0], [0.0]
         with (
-            timed(decoder, "_linear", linear),
+            timed(decoder, "linear", linear),
             timed(decoder.FastBatch, "_lora", lora),
             timed(decoder.FastBatch, "step", forward),
         ):
