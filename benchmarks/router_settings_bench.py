@@ -16,11 +16,12 @@ import sys
 import time
 
 import torch
-from router_bench import TEST_PER_SIZE, CachedEncoder
+from router_bench import CachedEncoder
 
 from experts.config import compose
 from router.features import CombinedFeatures, build_features, load_encoder
 from router.metrics import (
+    TEST_WINDOWS_PER_SIZE,
     TEST_WORDS,
     load_natural_questions,
     natural_question_metrics,
@@ -38,7 +39,7 @@ def main(settings: list[list[str]]) -> list[dict]:
     app = compose(["router=combined"])
     labels = routable_labels(app)
     questions = load_natural_questions()
-    tests = {w: test_windows(app, labels, w, TEST_PER_SIZE) for w in TEST_WORDS}
+    tests = {w: test_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
     cached = CachedEncoder(load_encoder(app.router.encoder_package, app.paths.downloads_dir))
     torch.set_num_threads(2)
     default_weight = CombinedFeatures.EMBED_WEIGHT

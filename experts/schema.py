@@ -313,10 +313,30 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class FineTuneSpec:
+    """Fine-tuning of the sentence encoder on the routing task (router pipeline `tuned`)."""
+
+    epochs: float = 1.0  # passes over the training windows (fractions allowed)
+    batch_size: int = 32
+    lr: float = 5.0e-5  # encoder
+    head_lr: float = 1.0e-3  # the classification head on the pooled embedding
+    warmup_steps: int = 50
+    max_steps: int | None = None  # cap on optimiser steps (None: epochs decide)
+    mix: float | None = None  # weight of the tuned encoder against TF-IDF; None: chosen on validation
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"router.finetune.epochs {self.epochs} must be > 0")
+        _check(self.batch_size >= 1, f"router.finetune.batch_size {self.batch_size} must be >= 1")
+        _check(self.lr > 0 and self.head_lr > 0, "router.finetune.lr and head_lr must be > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, "router.finetune.max_steps must be >= 1")
+        _check(self.mix is None or 0 <= self.mix <= 1, f"router.finetune.mix {self.mix} not in [0, 1]")
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     """The learned N-way router and its decision policy."""
 
-    pipeline: Literal["tfidf", "embed", "combined"] = "tfidf"
+    pipeline: Literal["tfidf", "embed", "combined", "tuned"] = "tfidf"
     policy: Literal["top1", "mixture", "fallback"] = "fallback"
     fallback_model: str = "base"  # "base" or an expert slug such as "generalist"
     target_accuracy: float = 0.95  # the threshold is chosen on validation for this accuracy
@@ -328,8 +348,9 @@ class RouterSpec:
     max_windows_per_expert: int = 6000
     background: bool = True  # train an out-of-domain class on general text
     background_packages: tuple[PackageRef, ...] = ()
-    encoder_package: PackageRef | None = None  # all-MiniLM-L6-v2 wheel for embed/combined
+    encoder_package: PackageRef | None = None  # all-MiniLM-L6-v2 wheel for embed/combined/tuned
     c: float = 4.0  # inverse regularisation of the logistic regression
+    finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # pipeline `tuned` only
     include_feedback: bool = False  # train on reviewed misroutes (artifacts/feedback/router.jsonl)
     feedback_weight: float = 10.0  # sample weight of each such row; a training window weighs 1
     seed: int = 0

@@ -158,7 +158,9 @@ class SentenceEncoder:
         max_tokens: int = ENCODER_MAX_TOKENS,
         batch_size: int = ENCODER_BATCH,
         dtype: Any = None,
+        state: dict[str, Any] | None = None,
     ):
+        """`state`: BertModel weights to use instead of the folder's (a fine-tuned encoder)."""
         from transformers import AutoModel, AutoTokenizer
 
         self.folder = folder
@@ -181,7 +183,8 @@ class SentenceEncoder:
         self.dim = int(config.hidden_size)
         self.heads = int(config.num_attention_heads)
         self.eps = float(config.layer_norm_eps)
-        self._weights = _bert_weights(model.state_dict(), config.num_hidden_layers, self.dtype)
+        weights = model.state_dict() if state is None else state
+        self._weights = _bert_weights(weights, config.num_hidden_layers, self.dtype)
         self._lock = threading.Lock()
 
     def _forward(self, ids: Any, mask: Any) -> Any:
@@ -356,10 +359,113 @@ class CombinedFeatures:
         return meta, arrays
 
 
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+class TunedFeatures:
+    """Two classifiers' log-posteriors side by side: a logistic regression over TF-IDF n-grams
+    and a fine-tuned MiniLM with its own linear head (`router.finetune`). The router's linear
+    layer then mixes the two (a weight chosen on validation), so a saved router is still
+    features + one linear layer. The tuned encoder's weights are saved with the router (float16)."""
+
+    name = "tuned"
+    ENCODER_PREFIX = "tuned.encoder."
+
+    def __init__(self, tfidf: TfidfFeatures, folder: Path, package: PackageRef):
+        self.tfidf = tfidf
+        self.folder = folder
+        self.package = package
+        self.encoder: SentenceEncoder | None = None
+        self._state: dict[str, Any] = {}
+        self._heads: dict[str, np.ndarray] = {}
+        self.tfidf_coef = self.tfidf_intercept = self.head_weight = self.head_bias = np.zeros(0)
+
+    def fit(self, texts: Sequence[str]) -> TunedFeatures:
+        self.tfidf.fit(texts)
+        return self
+
+    def set_models(
+        self,
+        tfidf_coef: np.ndarray,
+        tfidf_intercept: np.ndarray,
+        state: dict[str, Any],
+        head_weight: np.ndarray,
+        head_bias: np.ndarray,
+    ) -> None:
+        """Install the TF-IDF classifier and the tuned encoder + head (from training or a file)."""
+        from router.finetune import COSINE_SCALE
+
+        self._heads = {
+            "tuned.tfidf.coef": np.asarray(tfidf_coef, dtype=np.float32),
+            "tuned.tfidf.intercept": np.asarray(tfidf_intercept, dtype=np.float32),
+            "tuned.head.weight": np.asarray(head_weight, dtype=np.float32),
+            "tuned.head.bias": np.asarray(head_bias, dtype=np.float32),
+        }
+        # features x classes, for sparse @ dense
+        self.tfidf_coef = np.ascontiguousarray(np.asarray(tfidf_coef, dtype=np.float32).T)
+        self.tfidf_intercept = np.asarray(tfidf_intercept, dtype=np.float32)
+        self.head_weight = np.ascontiguousarray(np.asarray(head_weight, dtype=np.float32).T * COSINE_SCALE)
+        self.head_bias = np.asarray(head_bias, dtype=np.float32)
+        self._state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+        self.encoder = SentenceEncoder(self.folder, state=self._state)
+
+    @property
+    def classes(self) -> int:
+        return len(self.tfidf_intercept)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.encoder is None:
+            raise ArtifactError("the tuned router's encoder is not trained yet")
+        return self.encoder.encode(texts)
+
+    def transform(self, texts: Sequence[str], embeddings: np.ndarray | None = None) -> np.ndarray:
+        """[log P_tfidf | log P_encoder], n x 2 * classes."""
+        emb = self.embed(texts) if embeddings is None else embeddings
+        lexical = np.asarray(self.tfidf.transform(texts) @ self.tfidf_coef) + self.tfidf_intercept
+        semantic = emb @ self.head_weight + self.head_bias
+        return np.hstack([_log_softmax(lexical), _log_softmax(semantic)]).astype(np.float32)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta, arrays = self.tfidf.state()
+        meta["encoder_package"] = self.package.__dict__
+        arrays.update(self._heads)
+        for key, tensor in self._state.items():
+            arrays[self.ENCODER_PREFIX + key] = tensor.detach().float().numpy().astype(np.float16)
+        return meta, arrays
+
+    @classmethod
+    def from_state(
+        cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], ref: PackageRef, downloads: Path
+    ) -> TunedFeatures:
+        import torch
+
+        self = cls(TfidfFeatures.from_state(meta, arrays), encoder_dir(ref, downloads), ref)
+        state = {
+            k[len(cls.ENCODER_PREFIX) :]: torch.from_numpy(v.astype(np.float32))
+            for k, v in arrays.items()
+            if k.startswith(cls.ENCODER_PREFIX)
+        }
+        if not state:
+            raise ArtifactError("the tuned router file has no encoder weights; run `moe train-router`")
+        self.set_models(
+            arrays["tuned.tfidf.coef"],
+            arrays["tuned.tfidf.intercept"],
+            state,
+            arrays["tuned.head.weight"],
+            arrays["tuned.head.bias"],
+        )
+        return self
+
+
 def featurize(features: Features, texts: Sequence[str]) -> tuple[Any, np.ndarray | None]:
     """The feature matrix of `texts` and, for embedding pipelines, their embeddings (computed once)."""
     if isinstance(features, CombinedFeatures):
         emb = features.embed.transform(texts)
+        return features.transform(texts, embeddings=emb), emb
+    if isinstance(features, TunedFeatures):
+        emb = features.embed(texts)
         return features.transform(texts, embeddings=emb), emb
     if isinstance(features, EmbedFeatures):
         emb = features.transform(texts)
@@ -373,5 +479,7 @@ def build_features(pipeline: str, encoder_package: PackageRef | None, downloads:
         return TfidfFeatures()
     if encoder_package is None:
         raise ConfigError(f"router.pipeline {pipeline!r} needs router.encoder_package (the MiniLM wheel)")
+    if pipeline == "tuned":  # the encoder is trained in `fit_router`
+        return TunedFeatures(TfidfFeatures(), encoder_dir(encoder_package, downloads), encoder_package)
     embed = EmbedFeatures(load_encoder(encoder_package, downloads), encoder_package)
     return embed if pipeline == "embed" else CombinedFeatures(TfidfFeatures(), embed)

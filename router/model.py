@@ -29,6 +29,7 @@ from router.features import (
     EmbedFeatures,
     Features,
     TfidfFeatures,
+    TunedFeatures,
     featurize,
     load_encoder,
 )
@@ -331,10 +332,12 @@ def _features_from_state(
 ) -> Features:
     if pipeline == "tfidf":
         return TfidfFeatures.from_state(meta, arrays)
-    if pipeline not in ("embed", "combined"):
+    if pipeline not in ("embed", "combined", "tuned"):
         raise ArtifactError(f"router pipeline {pipeline!r} is unknown; run `moe train-router`")
     ref = PackageRef(**meta["encoder_package"])
     downloads = downloads or PathsSpec(cache=os.environ.get("MOE_CACHE", PathsSpec.cache)).downloads_dir
+    if pipeline == "tuned":
+        return TunedFeatures.from_state(meta, arrays, ref, downloads)
     embed = EmbedFeatures(load_encoder(ref, downloads), ref)
     if pipeline == "embed":
         return embed

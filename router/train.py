@@ -25,7 +25,15 @@ from experts.errors import ConfigError
 from experts.schema import AppConfig, RouterSpec
 from router.calibration import choose_threshold, expected_calibration_error, fit_temperature
 from router.data import Examples, background_examples, expert_examples, feedback_examples, feedback_path
-from router.features import Features, build_features, featurize
+from router.features import (
+    ENCODER_MAX_TOKENS,
+    Features,
+    TunedFeatures,
+    build_features,
+    encoder_dtype,
+    featurize,
+)
+from router.finetune import fine_tune
 from router.model import BACKGROUND, Router, routable_labels, router_dir
 
 log = logging.getLogger(__name__)
@@ -42,15 +50,41 @@ def _targets(classes: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     return np.array([index[label] for label in labels])
 
 
-def _prototypes(emb: np.ndarray, labels: Sequence[str], keep: Sequence[str], seed: int) -> np.ndarray:
-    """Up to PROTOTYPES_PER_CLASS training embeddings per expert (background excluded)."""
+def _prototype_rows(labels: Sequence[str], keep: Sequence[str], seed: int) -> np.ndarray:
+    """Up to PROTOTYPES_PER_CLASS training rows per expert (background excluded), for the
+    nearest-neighbour distance signal."""
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
     rows = []
     for label in keep:
         idx = np.flatnonzero(labels_arr == label)
         rows.append(rng.choice(idx, size=min(PROTOTYPES_PER_CLASS, len(idx)), replace=False))
-    return emb[np.sort(np.concatenate(rows))]
+    return np.sort(np.concatenate(rows))
+
+
+def _logistic(x: Any, y: np.ndarray, weights: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression (balanced classes): coef [classes, features], intercept."""
+    clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+    clf.fit(x, y, sample_weight=weights)
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # binary: one score z; softmax over (-z/2, z/2) gives sigmoid(z)
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    return coef, intercept
+
+
+MIX_GRID = np.round(np.arange(0.0, 1.01, 0.1), 2)
+
+
+def _choose_mix(xv: np.ndarray, yv: np.ndarray, experts: int, classes: int) -> float:
+    """Weight of the tuned encoder's log-posterior against TF-IDF's with the best in-domain
+    validation accuracy (ties: the value nearest 0.5)."""
+    inside = yv < experts
+    lexical, semantic = xv[:, :classes], xv[:, classes:]
+    scores = []
+    for mix in MIX_GRID:
+        top = ((1 - mix) * lexical + mix * semantic)[inside, :experts].argmax(1)
+        scores.append((float((top == yv[inside]).mean()), -abs(mix - 0.5), float(mix)))
+    return max(scores)[2]
 
 
 def purify_background(x: Any, targets: np.ndarray, background: int) -> np.ndarray:
@@ -90,15 +124,37 @@ def fit_router(
     classes = labels + ([BACKGROUND] if background else [])
     started = time.perf_counter()
     features.fit(train.texts)
-    x, emb = featurize(features, train.texts)
     y = _targets(classes, train.labels)
-    fit_rows = purify_background(x, y, len(labels)) if background else np.ones(len(y), dtype=bool)
     weights = np.asarray(train.weights, dtype=np.float64)  # feedback rows weigh more than a window
-    clf = LogisticRegression(C=spec.c, max_iter=3000, class_weight="balanced")
-    clf.fit(x[fit_rows], y[fit_rows], sample_weight=weights[fit_rows])
-    coef, intercept = clf.coef_, clf.intercept_
-    if len(classes) == 2:  # binary: one score z; softmax over (-z/2, z/2) gives sigmoid(z)
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    tuned = isinstance(features, TunedFeatures)
+    # The tuned pipeline's own features are its classifiers' outputs: they are trained on TF-IDF
+    # (purified against it) first; its training embeddings are needed only for the prototypes.
+    x, emb = (features.tfidf.transform(train.texts), None) if tuned else featurize(features, train.texts)
+    fit_rows = purify_background(x, y, len(labels)) if background else np.ones(len(y), dtype=bool)
+    coef, intercept = _logistic(x[fit_rows], y[fit_rows], weights[fit_rows], spec.c)
+    finetune_info: dict[str, Any] = {}
+    if tuned:
+        rows = np.flatnonzero(fit_rows)
+        result = fine_tune(
+            features.folder,
+            [train.texts[i] for i in rows],
+            y[rows],
+            weights[rows],
+            len(classes),
+            spec.finetune,
+            max_tokens=ENCODER_MAX_TOKENS,
+            dtype=encoder_dtype(),
+            seed=spec.seed,
+        )
+        features.set_models(coef, intercept, result.state, result.head_weight, result.head_bias)
+        finetune_info = {"finetune_steps": result.steps, "finetune_seconds": result.seconds}
+        xv, embv = featurize(features, validation.texts)
+        mix = spec.finetune.mix
+        if mix is None:
+            mix = _choose_mix(xv, _targets(classes, validation.labels), len(labels), len(classes))
+        eye = np.eye(len(classes))
+        coef, intercept = np.hstack([(1 - mix) * eye, mix * eye]), np.zeros(len(classes))
+        finetune_info["mix"] = mix
     router = Router(
         labels,
         features,
@@ -113,7 +169,8 @@ def fit_router(
     fit_s = time.perf_counter() - started
 
     # --- calibration on validation windows -------------------------------------------------
-    xv, embv = featurize(features, validation.texts)
+    if not tuned:
+        xv, embv = featurize(features, validation.texts)
     logits = router.logits(xv)
     yv = _targets(classes, validation.labels)
     raw_probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -125,8 +182,9 @@ def fit_router(
     in_domain = yv < len(labels)
     words = np.array([len(t.split()) for t in validation.texts])
     similarity = np.ones(len(yv), dtype=np.float32)
-    if distance and emb is not None and embv is not None:
-        router.prototypes = _prototypes(emb, train.labels, labels, spec.seed)
+    if distance and embv is not None:
+        rows = _prototype_rows(train.labels, labels, spec.seed)
+        router.prototypes = emb[rows] if emb is not None else features.embed([train.texts[i] for i in rows])
         similarity = router.nearest_similarity(embv)
         ref = in_domain & (words >= SIMILARITY_MIN_WORDS)
         if ref.any():
@@ -166,6 +224,7 @@ def fit_router(
         if background
         else None,
         "fit_seconds": round(fit_s, 1),
+        **finetune_info,
     }
     log.info(
         "router %s: top-1 %.3f, threshold %.3f (coverage %.3f at accuracy %s), T %.2f, ECE %.3f -> %.3f",
