@@ -1,8 +1,11 @@
 """`moe eval`: perplexity of every model on every domain, plus the router's own report.
 
 perplexity[model][domain] for model in base, generalist, every expert, `routed` (the router's top-1
-picks the adapter per block) and `mixture` (posterior-weighted top-k), on each domain's held-out
-test split - the same token blocks for every model. The off-diagonal shows forgetting.
+picks the adapter per block), `mixture` (the router's posterior-weighted top-k, as served, but like
+`routed` without the fallback model for blocks that look out of domain) and
+`mixture_context` (those experts re-weighted at every token by their likelihood of the text so far,
+Branch-Train-Merge's posterior; not served yet), on each domain's held-out test split - the same
+token blocks for every model. The off-diagonal shows forgetting.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
     n_blocks = app.train.test_batches * app.train.batch_size
     batch = app.train.batch_size
     models = [BASE, *[n for n in trained if n not in domains], *domains]
-    result: dict[str, dict[str, float]] = {m: {} for m in [*models, "routed", "mixture"]}
+    mixed_rows = ["routed", "mixture", "mixture_context"]
+    result: dict[str, dict[str, float]] = {m: {} for m in [*models, *mixed_rows]}
     picks: dict[str, dict[str, int]] = {}
-    steps = len(domains) * (len(models) + 2)
+    steps = len(domains) * (len(models) + len(mixed_rows))
     bar = tqdm(total=steps, desc="eval perplexity", disable=not progress)
     for domain in domains:
         blocks = domain_blocks(domain, app, tok, "test", n_blocks)
@@ -53,16 +57,21 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
             result[model][domain] = round(perplexity(nll), 4)
             bar.update(1)
         if router is None:
-            bar.update(2)
+            bar.update(len(mixed_rows))
             continue
         texts = tok.batch_decode(blocks, skip_special_tokens=True)
         top1 = [d.expert for d in router.decide(texts, policy="top1")]
-        mix = [d.experts for d in router.decide(texts, policy="mixture")]
+        mix = router.mixture_weights(texts)  # no fallback model: routed has none either
         picks[domain] = {e: top1.count(e) for e in sorted(set(top1))}
         routed = [{e: 1.0} for e in top1]
-        for name, comps in (("routed", routed), ("mixture", mix)):
+        runs = (
+            ("routed", routed, pool.mixture_logprobs),
+            ("mixture", mix, pool.mixture_logprobs),
+            ("mixture_context", mix, pool.context_mixture_logprobs),
+        )
+        for name, comps, mixer in runs:
             nll = block_nll(
-                lambda ids, mask, rows, c=comps: pool.mixture_logprobs(ids, mask, c[rows]),
+                lambda ids, mask, rows, c=comps, f=mixer: f(ids, mask, c[rows]),
                 blocks,
                 batch,
                 logprobs=True,
@@ -71,7 +80,8 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
             bar.update(1)
     bar.close()
     if router is None:
-        del result["routed"], result["mixture"]
+        for name in mixed_rows:
+            del result[name]
     for row in result.values():
         row["mean"] = round(sum(row.values()) / len(row), 4) if row else float("nan")
     return {
@@ -92,6 +102,10 @@ def summarise(ppl: dict[str, dict[str, float]], domains: list[str]) -> dict[str,
         out["expert_beats_generalist"] = {d: ppl[d][d] < ppl["generalist"][d] for d in domains if d in ppl}
     if "routed" in ppl and "mixture" in ppl:
         out["mixture_minus_routed_mean"] = round(ppl["mixture"]["mean"] - ppl["routed"]["mean"], 4)
+    if "routed" in ppl and "mixture_context" in ppl:
+        out["mixture_context_minus_routed_mean"] = round(
+            ppl["mixture_context"]["mean"] - ppl["routed"]["mean"], 4
+        )
     return out
 
 
@@ -122,6 +136,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     if "mixture_minus_routed_mean" in s:
         lines.append(f"- mean perplexity, mixture minus routed: {s['mixture_minus_routed_mean']}")
+    if "mixture_context_minus_routed_mean" in s:
+        lines.append(
+            "- mean perplexity, mixture_context (weights updated by each expert's likelihood of the "
+            f"text so far; not served yet) minus routed: {s['mixture_context_minus_routed_mean']}"
+        )
     if "routing" in report:
         r = report["routing"]
         lines += [

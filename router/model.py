@@ -219,11 +219,7 @@ class Router:
                 if not is_ood and confidence >= self.threshold:
                     chosen = {self.labels[top]: 1.0}
             elif not is_ood:  # mixture
-                ranked = [
-                    i for i in np.argsort(-row)[: self.mixture_top_k] if row[i] >= self.mixture_min_prob
-                ]
-                total = float(row[ranked].sum())
-                chosen = {self.labels[i]: round(float(row[i]) / total, 6) for i in ranked}
+                chosen = self._mixture(row)
             if not chosen:
                 decision = RoutingDecision(
                     self.fallback_model, {self.fallback_model: 1.0}, confidence, "fallback", posterior
@@ -237,6 +233,20 @@ class Router:
                 )
             decisions.append(decision)
         return decisions
+
+    def _mixture(self, row: np.ndarray) -> dict[str, float]:
+        """The top `mixture_top_k` experts with posterior >= `mixture_min_prob`, renormalised
+        (empty when none passes)."""
+        ranked = [i for i in np.argsort(-row)[: self.mixture_top_k] if row[i] >= self.mixture_min_prob]
+        total = float(row[ranked].sum())
+        return {self.labels[i]: round(float(row[i]) / total, 6) for i in ranked}
+
+    def mixture_weights(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        """The experts the `mixture` policy would mix for each text and their weights, with no
+        fallback: when no second expert passes, or the text looks out of domain, the top expert
+        alone (what `moe eval` compares with top-1 routing)."""
+        probs = self.predict_proba(texts)
+        return [self._mixture(row) or {self.labels[int(row.argmax())]: 1.0} for row in probs]
 
     # ---------------------------------------------------------------------------------------
     # Persistence (JSON + safetensors; never pickle)

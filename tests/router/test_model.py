@@ -63,6 +63,21 @@ def test_mixture_policy_mixes_two_close_experts(toy_router, monkeypatch):
     assert off.decision == "fallback"
 
 
+def test_mixture_weights_are_the_mixture_policy_without_fallback(toy_router, monkeypatch):
+    texts = ["patient dose licence", "football weather recipe holiday", "def import module"]
+    monkeypatch.setattr(toy_router, "mixture_min_prob", 0.05)
+    weights = toy_router.mixture_weights(texts)
+    decisions = toy_router.decide(texts, policy="mixture")
+    probs = toy_router.predict_proba(texts)
+    assert decisions[1].decision == "fallback"  # background text: the policy falls back...
+    for w, d, row in zip(weights, decisions, probs, strict=True):
+        assert set(w) <= set(toy_router.labels)  # ...mixture_weights never does
+        assert sum(w.values()) == pytest.approx(1.0, abs=1e-5)
+        assert max(w, key=w.get) == toy_router.labels[int(row.argmax())]
+        if d.decision != "fallback":
+            assert w == d.experts
+
+
 def test_forced_decision():
     d = RoutingDecision.forced("legal", {"legal": 0.2, "biomedical": 0.7})
     assert (d.expert, d.experts, d.decision, d.confidence) == ("legal", {"legal": 1.0}, "forced", 0.2)
