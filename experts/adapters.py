@@ -120,6 +120,26 @@ class Expansion:
         owner = torch.tensor(self.owner, device=logp.device)
         return torch.stack([torch.logsumexp(logp[owner == i], dim=0) for i in range(self.n)])
 
+    def mix_context(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Branch-Train-Merge's posterior: per-row logits [rows, T, V] of the requests' tokens
+        ids [n, T] -> mixed log-probabilities [n, T, V] where a component's weight at position t is
+        its prior weight times its likelihood of the tokens up to t (Bayes' rule over the context;
+        padding, mask 0, adds no evidence). The mixture is then never much worse than its best
+        component: at most log(1 / prior) nats over the whole sequence."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nxt = self.expand(ids)[:, 1:].to(logp.device)
+        seen = logp[:, :-1].gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        seen = seen * self.expand(mask)[:, 1:].to(seen)
+        evidence = torch.cat([torch.zeros_like(seen[:, :1]), seen.cumsum(dim=1)], dim=1)  # [rows, T]
+        log_w = self.log_weights.to(logp.device)[:, None] + evidence
+        owner = torch.tensor(self.owner, device=logp.device)
+        out = []
+        for i in range(self.n):
+            w = log_w[owner == i]
+            w = w - torch.logsumexp(w, dim=0, keepdim=True)
+            out.append(torch.logsumexp(logp[owner == i] + w[..., None], dim=0))
+        return torch.stack(out)
+
 
 # Modules that read the same input share one stacked A (one matmul for all of them).
 _SIBLINGS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -396,3 +416,13 @@ class ExpertPool:
         self.validate(exp.adapters)
         out = self.forward(exp.expand(input_ids), exp.expand(attention_mask), exp.adapters)
         return exp.mix(out.logits)
+
+    def context_mixture_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, components: Sequence[Mapping[str, float]]
+    ) -> torch.Tensor:
+        """`mixture_logprobs`, the components' weights updated by their likelihood of the text so
+        far (`Expansion.mix_context`); the served mixture does not do this yet (docs/benchmarks.md)."""
+        exp = Expansion.of(components)
+        self.validate(exp.adapters)
+        out = self.forward(exp.expand(input_ids), exp.expand(attention_mask), exp.adapters)
+        return exp.mix_context(out.logits, input_ids, attention_mask)

@@ -80,7 +80,7 @@ def test_walkthrough_notebook_runs(user_conf, tiny_app, tmp_path):
     reports = tmp_path / "artifacts" / "reports"
     report = json.loads((reports / "eval.json").read_text())
     assert report["domains"] == ["cook", "toy"]
-    assert set(report["perplexity"]) == {"base", "cook", "toy", "routed", "mixture"}
+    assert set(report["perplexity"]) == {"base", "cook", "toy", "routed", "mixture", "mixture_context"}
     assert all(set(row) == {"cook", "toy", "mean"} for row in report["perplexity"].values())
     assert (reports / "perplexity_heatmap.png").stat().st_size > 1000
     assert report["routing"]["labels"] == ["cook", "toy"]

@@ -60,6 +60,32 @@ def test_expansion_normalises_weights_and_mixes_probabilities():
         Expansion.of([{}])
 
 
+def test_context_mixture_is_bayes_rule_over_the_tokens_so_far():
+    """Weights at position t = prior x likelihood of tokens 1..t, renormalised (a plain loop)."""
+    torch.manual_seed(0)
+    exp = Expansion.of([{"a": 3.0, "b": 1.0}, {"c": 2.0}])
+    logits = torch.randn(3, 6, 11)
+    ids = torch.randint(0, 11, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0  # a padding column adds no evidence
+    mixed = exp.mix_context(logits, ids, mask)
+    p = torch.softmax(logits, -1)
+    w = torch.tensor([0.75, 0.25])
+    for t in range(6):
+        expected = w[0] * p[0, t] + w[1] * p[1, t]
+        torch.testing.assert_close(mixed[0, t].exp(), expected)
+        if t + 1 < 6 and mask[0, t + 1]:
+            w = w * p[[0, 1], t, ids[0, t + 1]]
+            w = w / w.sum()
+    torch.testing.assert_close(mixed[1], torch.log_softmax(logits[2], -1))  # one component: itself
+    # Evidence moves the weight to the component that predicts the text better.
+    sharp = torch.full((3, 6, 11), -5.0)
+    sharp[0, torch.arange(5), ids[0, 1:]] = 5.0  # component "a" predicts every next token
+    late = exp.mix_context(sharp, ids, torch.ones_like(ids))[0, -2].exp()  # after 4 tokens of evidence
+    torch.testing.assert_close(late, torch.softmax(sharp[0, -2], -1), atol=1e-3, rtol=0)
+    assert not torch.allclose(exp.mix(sharp)[0, -2].exp(), late, atol=1e-2)  # the prior alone: 0.75 / 0.25
+
+
 def test_mixed_adapter_batch_equals_separate_passes(pool):
     ids = torch.randint(0, 1000, (3, 12))
     mask = torch.ones_like(ids)

@@ -58,7 +58,7 @@ def test_eval_writes_matrix_routing_and_plots(user_conf, tiny_app, tmp_path):
     reports = tmp_path / "artifacts" / "reports"
     report = json.loads((reports / "eval.json").read_text())
     ppl = report["perplexity"]
-    assert set(ppl) == {"base", "toy", "cook", "routed", "mixture"}
+    assert set(ppl) == {"base", "toy", "cook", "routed", "mixture", "mixture_context"}
     assert report["domains"] == ["cook", "toy"]
     for model in ppl:
         assert all(ppl[model][d] > 1 for d in report["domains"])
@@ -69,5 +69,9 @@ def test_eval_writes_matrix_routing_and_plots(user_conf, tiny_app, tmp_path):
     for d in report["domains"]:
         if report["routed_picks"][d] == {d: report["blocks_per_domain"]}:
             assert ppl["routed"][d] == pytest.approx(ppl[d][d], rel=1e-3)
+    # Bayes over the block's own tokens: never worse than the prior-weighted mixture by much, and
+    # within log(1/prior) nats a block of its best component (the routed expert here)
+    for d in report["domains"]:
+        assert ppl["mixture_context"][d] <= ppl["mixture"][d] * 1.01
     assert "routing" in report and (reports / "perplexity_heatmap.png").stat().st_size > 1000
     assert "| routed |" in (reports / "eval.md").read_text()
