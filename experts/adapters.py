@@ -117,8 +117,12 @@ class Expansion:
         logp = logp + self.log_weights.to(logp.device).view(-1, *([1] * (logp.dim() - 1)))
         if len(self.owner) == self.n:  # no mixture: one row per request, in order
             return logp
-        owner = torch.tensor(self.owner, device=logp.device)
-        return torch.stack([torch.logsumexp(logp[owner == i], dim=0) for i in range(self.n)])
+        return self._sum_by_owner(logp)
+
+    def _sum_by_owner(self, weighted: torch.Tensor) -> torch.Tensor:
+        """Weighted per-row log-probabilities [rows, ...] -> each request's log of their sum [n, ...]."""
+        owner = torch.tensor(self.owner, device=weighted.device)
+        return torch.stack([torch.logsumexp(weighted[owner == i], dim=0) for i in range(self.n)])
 
     def mix_context(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Branch-Train-Merge's posterior: per-row logits [rows, T, V] of the requests' tokens
@@ -132,13 +136,8 @@ class Expansion:
         seen = seen * self.expand(mask)[:, 1:].to(seen)
         evidence = torch.cat([torch.zeros_like(seen[:, :1]), seen.cumsum(dim=1)], dim=1)  # [rows, T]
         log_w = self.log_weights.to(logp.device)[:, None] + evidence
-        owner = torch.tensor(self.owner, device=logp.device)
-        out = []
-        for i in range(self.n):
-            w = log_w[owner == i]
-            w = w - torch.logsumexp(w, dim=0, keepdim=True)
-            out.append(torch.logsumexp(logp[owner == i] + w[..., None], dim=0))
-        return torch.stack(out)
+        log_w = log_w - self.expand(self._sum_by_owner(log_w))  # renormalised over each request's rows
+        return self._sum_by_owner(logp + log_w[..., None])
 
 
 # Modules that read the same input share one stacked A (one matmul for all of them).
@@ -409,20 +408,18 @@ class ExpertPool:
             return self.model(**kwargs)
 
     def mixture_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, components: Sequence[Mapping[str, float]]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        components: Sequence[Mapping[str, float]],
+        context: bool = False,
     ) -> torch.Tensor:
-        """Log-probabilities [n, T, V] of the posterior-weighted mixture, in one batched forward."""
+        """Log-probabilities [n, T, V] of the posterior-weighted mixture, in one batched forward.
+        `context`: the weights updated by each component's likelihood of the text so far
+        (`Expansion.mix_context`); the served mixture does not do this yet."""
         exp = Expansion.of(components)
         self.validate(exp.adapters)
         out = self.forward(exp.expand(input_ids), exp.expand(attention_mask), exp.adapters)
+        if context:
+            return exp.mix_context(out.logits, input_ids, attention_mask)
         return exp.mix(out.logits)
-
-    def context_mixture_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, components: Sequence[Mapping[str, float]]
-    ) -> torch.Tensor:
-        """`mixture_logprobs`, the components' weights updated by their likelihood of the text so
-        far (`Expansion.mix_context`); the served mixture does not do this yet (docs/benchmarks.md)."""
-        exp = Expansion.of(components)
-        self.validate(exp.adapters)
-        out = self.forward(exp.expand(input_ids), exp.expand(attention_mask), exp.adapters)
-        return exp.mix_context(out.logits, input_ids, attention_mask)

@@ -64,14 +64,10 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
         mix = router.mixture_weights(texts)  # no fallback model: routed has none either
         picks[domain] = {e: top1.count(e) for e in sorted(set(top1))}
         routed = [{e: 1.0} for e in top1]
-        runs = (
-            ("routed", routed, pool.mixture_logprobs),
-            ("mixture", mix, pool.mixture_logprobs),
-            ("mixture_context", mix, pool.context_mixture_logprobs),
-        )
-        for name, comps, mixer in runs:
+        runs = (("routed", routed, False), ("mixture", mix, False), ("mixture_context", mix, True))
+        for name, comps, context in runs:
             nll = block_nll(
-                lambda ids, mask, rows, c=comps, f=mixer: f(ids, mask, c[rows]),
+                lambda ids, mask, rows, c=comps, x=context: pool.mixture_logprobs(ids, mask, c[rows], x),
                 blocks,
                 batch,
                 logprobs=True,

@@ -161,15 +161,14 @@ class SentenceEncoder:
         state: dict[str, Any] | None = None,
     ):
         """`state`: BertModel weights to use instead of the folder's (a fine-tuned encoder)."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.folder = folder
         self.dtype = dtype or encoder_dtype()
         self.max_tokens = max_tokens
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        model = AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
-        config = model.config
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         layout = (
             config.model_type,
             config.hidden_act,
@@ -183,7 +182,9 @@ class SentenceEncoder:
         self.dim = int(config.hidden_size)
         self.heads = int(config.num_attention_heads)
         self.eps = float(config.layer_norm_eps)
-        weights = model.state_dict() if state is None else state
+        if state is None:  # the folder's own weights (a tuned encoder brings its own)
+            state = AutoModel.from_pretrained(folder, trust_remote_code=False).state_dict()
+        weights = state
         self._weights = _bert_weights(weights, config.num_hidden_layers, self.dtype)
         self._lock = threading.Lock()
 
@@ -410,10 +411,6 @@ class TunedFeatures:
         self.head_bias = np.asarray(head_bias, dtype=np.float32)
         self._state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
         self.encoder = SentenceEncoder(self.folder, state=self._state)
-
-    @property
-    def classes(self) -> int:
-        return len(self.tfidf_intercept)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.encoder is None:
