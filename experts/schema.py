@@ -341,8 +341,8 @@ class RouterSpec:
     fallback_model: str = "base"  # "base" or an expert slug such as "generalist"
     target_accuracy: float = 0.95  # the threshold is chosen on validation for this accuracy
     threshold: float | None = None  # None: chosen on validation data and saved with the router
-    mixture_top_k: int = 2
-    mixture_min_prob: float = 0.2
+    mixture_top_k: int = 3
+    mixture_min_prob: float = 0.02
     window_words: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
     windows_per_doc: int = 4
     max_windows_per_expert: int = 6000

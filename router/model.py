@@ -93,8 +93,8 @@ class Router:
         threshold: float = 0.0,
         policy: str = "fallback",
         fallback_model: str = "base",
-        mixture_top_k: int = 2,
-        mixture_min_prob: float = 0.2,
+        mixture_top_k: int = 3,
+        mixture_min_prob: float = 0.02,
         prototypes: np.ndarray | None = None,
         min_similarity: float | None = None,
         info: dict[str, Any] | None = None,
@@ -245,7 +245,10 @@ class Router:
         """The experts the `mixture` policy would mix for each text and their weights, with no
         fallback: when no second expert passes, or the text looks out of domain, the top expert
         alone (what `moe eval` compares with top-1 routing)."""
-        probs = self.predict_proba(texts)
+        return self.mixture_weights_of(self.predict_proba(texts))
+
+    def mixture_weights_of(self, probs: np.ndarray) -> list[dict[str, float]]:
+        """`mixture_weights` of posterior rows already computed (`predict_proba`'s)."""
         return [self._mixture(row) or {self.labels[int(row.argmax())]: 1.0} for row in probs]
 
     # ---------------------------------------------------------------------------------------
