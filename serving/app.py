@@ -804,6 +804,20 @@ def api_keys(app: AppConfig) -> list[str]:
     return keys
 
 
+def thread_advice(threads: int, cpus: int) -> str | None:
+    """Why `threads` torch threads per replica will decode slowly on `cpus` CPUs (None: they won't).
+
+    A replica runs torch off its process's initial thread, so libgomp manages threads + 1 threads;
+    more than the CPUs and it throttles its spinning, every parallel matmul then pays a futex
+    wake-up (on 2 CPUs two threads decode 19 tok/s, one 25: benchmarks/openmp_threads_bench.py)."""
+    if threads > 1 and threads + 1 > cpus:
+        return (
+            f"torch_threads={threads} on {cpus} CPUs: OpenMP would manage {threads + 1} threads and "
+            f"throttle them, slower than one thread; use torch_threads <= {max(1, cpus - 1)}"
+        )
+    return None
+
+
 def build_app(app: AppConfig) -> serve.Application:
     """The typed builder: ingress + one pool per base model + one deployment per dedicated expert.
 
@@ -817,6 +831,14 @@ def build_app(app: AppConfig) -> serve.Application:
     ok, missing = served_experts(app)
     for name, reason in missing.items():
         log.warning("not serving %s: %s", name, reason)
+    if app.serve.ray_address is None:  # a local instance: this machine's CPUs are the replicas'
+        cpus = len(os.sched_getaffinity(0))
+        placed = [("serve.pool", app.serve.pool)] + [
+            (f"expert {e.name}", e.serving.resources) for e in app.experts if e.serving.dedicated
+        ]
+        for label, res in placed:
+            if advice := thread_advice(res.torch_threads, cpus):
+                log.warning("%s: %s", label, advice)
     specs = {e.name: e for e in app.experts}
     serve_cfg = app.serve
     pool_name = f"pool_{app.base_model.name}"

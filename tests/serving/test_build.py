@@ -8,7 +8,7 @@ import pytest
 
 from experts.errors import ConfigError
 from experts.schema import ExpertServingSpec, ResourceSpec
-from serving.app import build_app, deployment_options
+from serving.app import build_app, deployment_options, thread_advice
 from tests.serving.conftest import SERVED, serve_config
 
 
@@ -29,6 +29,25 @@ def test_shared_pool_and_dedicated_expert(serve_artifacts):
     }
     assert pools["expert_legal"]._bound_deployment.ray_actor_options["num_gpus"] == 0.5
     assert set(SERVED) <= set(placement)
+
+
+@pytest.mark.parametrize(
+    ("threads", "cpus", "slow"), [(1, 2, False), (2, 2, True), (2, 3, False), (4, 4, True)]
+)
+def test_thread_advice_flags_more_openmp_threads_than_cpus(threads, cpus, slow):
+    advice = thread_advice(threads, cpus)
+    assert (advice is not None) == slow
+    if slow:
+        assert f"torch_threads <= {cpus - 1}" in advice
+
+
+def test_building_with_too_many_pool_threads_warns(serve_artifacts, caplog, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    app = serve_config(serve_artifacts)
+    threads = dataclasses.replace(app.serve, pool=dataclasses.replace(app.serve.pool, torch_threads=2))
+    with caplog.at_level("WARNING"):
+        build_app(dataclasses.replace(app, serve=threads))
+    assert any("serve.pool: torch_threads=2 on 2 CPUs" in r.getMessage() for r in caplog.records)
 
 
 def test_duplicate_experts_are_refused(serve_artifacts):
