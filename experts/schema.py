@@ -348,6 +348,9 @@ class RouterSpec:
     max_windows_per_expert: int = 6000
     background: bool = True  # train an out-of-domain class on general text
     background_packages: tuple[PackageRef, ...] = ()
+    background_purify: float = (
+        0.0  # also drop this share of the kept background rows, those nearest an expert
+    )
     encoder_package: PackageRef | None = None  # all-MiniLM-L6-v2 wheel for embed/combined/tuned
     c: float = 4.0  # inverse regularisation of the logistic regression
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # pipeline `tuned` only
@@ -360,6 +363,7 @@ class RouterSpec:
         _check(self.feedback_weight > 0, f"router.feedback_weight {self.feedback_weight} must be > 0")
         _check(self.mixture_top_k >= 1, f"router.mixture_top_k {self.mixture_top_k} must be >= 1")
         _check(0 <= self.mixture_min_prob < 1, "router.mixture_min_prob must lie in [0, 1)")
+        _check(0 <= self.background_purify < 1, "router.background_purify must lie in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -87,10 +87,11 @@ def _choose_mix(xv: np.ndarray, yv: np.ndarray, experts: int, classes: int) -> f
     return max(scores)[2]
 
 
-def purify_background(x: Any, targets: np.ndarray, background: int) -> np.ndarray:
+def purify_background(x: Any, targets: np.ndarray, background: int, extra: float = 0.0) -> np.ndarray:
     """Keep the background examples that are closer to the background centroid than to every
     expert's centroid (cosine). General news also covers politics and health; a background
-    class that learned those would send in-domain questions to the fallback."""
+    class that learned those would send in-domain questions to the fallback. `extra`: also drop
+    that share of the kept ones, those whose margin over their nearest expert is smallest."""
     keep = np.ones(len(targets), dtype=bool)
     rows = np.flatnonzero(targets == background)
     if not len(rows):
@@ -98,7 +99,10 @@ def purify_background(x: Any, targets: np.ndarray, background: int) -> np.ndarra
     centroids = np.vstack([np.asarray(x[targets == c].mean(axis=0)).ravel() for c in range(background + 1)])
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     sims = np.asarray(x[rows] @ centroids.T)
-    keep[rows] = sims[:, background] >= sims[:, :background].max(axis=1)
+    margin = sims[:, background] - sims[:, :background].max(axis=1)
+    keep[rows] = margin >= 0
+    if extra > 0 and (margin >= 0).any():
+        keep[rows] &= margin >= np.quantile(margin[margin >= 0], extra)
     return keep
 
 
@@ -130,7 +134,11 @@ def fit_router(
     # The tuned pipeline's own features are its classifiers' outputs: they are trained on TF-IDF
     # (purified against it) first; its training embeddings are needed only for the prototypes.
     x, emb = (features.tfidf.transform(train.texts), None) if tuned else featurize(features, train.texts)
-    fit_rows = purify_background(x, y, len(labels)) if background else np.ones(len(y), dtype=bool)
+    fit_rows = (
+        purify_background(x, y, len(labels), spec.background_purify)
+        if background
+        else np.ones(len(y), dtype=bool)
+    )
     coef, intercept = _logistic(x[fit_rows], y[fit_rows], weights[fit_rows], spec.c)
     finetune_info: dict[str, Any] = {}
     if tuned:

@@ -147,6 +147,16 @@ def test_background_purification_drops_in_domain_looking_background():
     assert purify_background(x, y, background=1).tolist() == [True, True, True, True, False]
 
 
+def test_stricter_purification_drops_the_background_nearest_an_expert():
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 0.9], [0.3, 0.7], [0.02, 0.98], [0.95, 0.05]])
+    y = np.array([0, 1, 1, 1, 1, 1])  # class 1 = background
+    plain = purify_background(x, y, background=1)
+    strict = purify_background(x, y, background=1, extra=0.5)
+    assert plain.tolist() == [True, True, True, True, True, False]
+    # half of the four kept background rows go: the two nearest the expert ([0.3, 0.7], [0.1, 0.9])
+    assert strict.tolist() == [True, True, False, False, True, False]
+
+
 def test_fit_rejects_unknown_labels(toy_examples):
     with pytest.raises(ConfigError, match="not router labels"):
         fit_router(["legal"], toy_examples(5, 0), toy_examples(5, 1), RouterSpec(), TfidfFeatures())
