@@ -417,9 +417,17 @@ class ExpertPool:
         """Log-probabilities [n, T, V] of the posterior-weighted mixture, in one batched forward.
         `context`: the weights updated by each component's likelihood of the text so far
         (`Expansion.mix_context`); the served mixture does not do this yet."""
+        exp, logits = self.mixture_forward(input_ids, attention_mask, components)
+        if context:
+            return exp.mix_context(logits, input_ids, attention_mask)
+        return exp.mix(logits)
+
+    def mixture_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, components: Sequence[Mapping[str, float]]
+    ) -> tuple[Expansion, torch.Tensor]:
+        """One batched forward of every request's components: the expansion and its per-row
+        logits [rows, T, V], for `Expansion.mix` or `mix_context` (both from one forward)."""
         exp = Expansion.of(components)
         self.validate(exp.adapters)
         out = self.forward(exp.expand(input_ids), exp.expand(attention_mask), exp.adapters)
-        if context:
-            return exp.mix_context(out.logits, input_ids, attention_mask)
-        return exp.mix(out.logits)
+        return exp, out.logits

@@ -348,9 +348,7 @@ class RouterSpec:
     max_windows_per_expert: int = 6000
     background: bool = True  # train an out-of-domain class on general text
     background_packages: tuple[PackageRef, ...] = ()
-    background_purify: float = (
-        0.0  # also drop this share of the kept background rows, those nearest an expert
-    )
+    background_purify: float = 0.0  # also drop this share of kept background rows, the nearest an expert
     encoder_package: PackageRef | None = None  # all-MiniLM-L6-v2 wheel for embed/combined/tuned
     c: float = 4.0  # inverse regularisation of the logistic regression
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # pipeline `tuned` only

@@ -64,14 +64,17 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
         mix = router.mixture_weights(texts)  # no fallback model: routed has none either
         picks[domain] = {e: top1.count(e) for e in sorted(set(top1))}
         routed = [{e: 1.0} for e in top1]
-        runs = (("routed", routed, False), ("mixture", mix, False), ("mixture_context", mix, True))
-        for name, comps, context in runs:
-            nll = block_nll(
-                lambda ids, mask, rows, c=comps, x=context: pool.mixture_logprobs(ids, mask, c[rows], x),
-                blocks,
-                batch,
-                logprobs=True,
-            )
+        nll = block_nll(
+            lambda ids, mask, rows, r=routed: pool.mixture_logprobs(ids, mask, r[rows]),
+            blocks,
+            batch,
+            logprobs=True,
+        )
+        result["routed"][domain] = round(perplexity(nll), 4)
+        bar.update(1)
+        for name, nll in zip(
+            ("mixture", "mixture_context"), _mixture_nlls(pool, blocks, mix, batch), strict=True
+        ):
             result[name][domain] = round(perplexity(nll), 4)
             bar.update(1)
     bar.close()
@@ -87,6 +90,27 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
         "blocks_per_domain": n_blocks,
         "seq_len": app.train.seq_len,
     }
+
+
+def _mixture_nlls(
+    pool: ExpertPool, blocks: torch.Tensor, components: list[dict[str, float]], batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_nll` of the static mixture and of its context posterior, one forward per batch for both."""
+    static, context = [], []
+    for start in range(0, len(blocks), batch):
+        ids = blocks[start : start + batch]
+        mask = torch.ones_like(ids)
+        exp, logits = pool.mixture_forward(ids, mask, components[start : start + batch])
+        static.append(block_nll(lambda *_, e=exp, x=logits: e.mix(x), ids, len(ids), logprobs=True))
+        context.append(
+            block_nll(
+                lambda *_, e=exp, x=logits, i=ids, m=mask: e.mix_context(x, i, m),
+                ids,
+                len(ids),
+                logprobs=True,
+            )
+        )
+    return torch.cat(static), torch.cat(context)
 
 
 def summarise(ppl: dict[str, dict[str, float]], domains: list[str]) -> dict[str, Any]:

@@ -184,8 +184,7 @@ class SentenceEncoder:
         self.eps = float(config.layer_norm_eps)
         if state is None:  # the folder's own weights (a tuned encoder brings its own)
             state = AutoModel.from_pretrained(folder, trust_remote_code=False).state_dict()
-        weights = state
-        self._weights = _bert_weights(weights, config.num_hidden_layers, self.dtype)
+        self._weights = _bert_weights(state, config.num_hidden_layers, self.dtype)
         self._lock = threading.Lock()
 
     def _forward(self, ids: Any, mask: Any) -> Any:

@@ -100,9 +100,10 @@ def purify_background(x: Any, targets: np.ndarray, background: int, extra: float
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     sims = np.asarray(x[rows] @ centroids.T)
     margin = sims[:, background] - sims[:, :background].max(axis=1)
-    keep[rows] = margin >= 0
-    if extra > 0 and (margin >= 0).any():
-        keep[rows] &= margin >= np.quantile(margin[margin >= 0], extra)
+    nearer = margin >= 0
+    keep[rows] = nearer
+    if extra > 0 and nearer.any():
+        keep[rows] &= margin >= np.quantile(margin[nearer], extra)
     return keep
 
 
