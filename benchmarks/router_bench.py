@@ -3,9 +3,10 @@ nearest-neighbour baseline over the same embeddings in the style of semantic-rou
 
     .venv/bin/python benchmarks/router_bench.py [--tuned] [router.max_windows_per_expert=3000 ...]
 
---tuned adds the `tuned` pipeline (MiniLM fine-tuned on the windows, ~7 min more on 2 cores).
+--tuned adds the `tuned` pipeline (MiniLM fine-tuned on the windows, ~15 min more on 2 cores).
 
-Every pipeline trains on the same windows of the experts' TRAIN splits (+ the background class
+Every pipeline trains on the same windows (the default config's: `router=tuned`'s window count and
+background purification; overrides change them for all) of the experts' TRAIN splits (+ the background class
 where it has one), is calibrated on the same VALIDATION windows and is measured on the same TEST
 windows of 8/16/32/64 words and on the hand-written questions of
 tests/fixtures/natural_questions.yaml. Prints a table; saves artifacts/bench/router.json.
@@ -133,7 +134,7 @@ def main(overrides: list[str]) -> dict:
         pipelines.append("tuned")
 
     torch.set_num_threads(1)  # single-query latency is best on one thread (serving sets it per replica)
-    app = compose(["router=combined", *overrides])  # any router file with the encoder package
+    app = compose(overrides)  # the default router's windows for every pipeline
     labels = routable_labels(app)
     questions = load_natural_questions()
     started = time.perf_counter()

@@ -4,7 +4,8 @@ all-MiniLM-L6-v2 is trained end to end with a linear head on its pooled, L2-norm
 embedding (a cosine classifier, as in `SentenceEncoder.encode`) over the same labelled windows
 the logistic regressions see: classes balanced, each row's sample weight respected (reviewed
 misroutes weigh more). On 8-word test windows the frozen encoder + logistic regression reaches
-~0.83 and the tuned one ~0.88 (docs/benchmarks.md, Router).
+~0.83 and the tuned one ~0.88 (docs/benchmarks.md, Router). Trains on the GPU when torch sees one
+(bfloat16 autocast), else on the CPU; the result is always CPU float32 tensors.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class TunedEncoder:
     head_bias: np.ndarray  # [classes]
     steps: int
     seconds: float
+    device: str = "cpu"
 
 
 def _batches(texts: Sequence[str], batch_size: int, seed: int) -> list[list[int]]:
@@ -65,21 +67,27 @@ def fine_tune(
     dtype: Any,
     seed: int = 0,
     progress: bool = True,
+    device: str | None = None,
 ) -> TunedEncoder:
-    """Train the encoder in `folder` (a Hugging Face BertModel) + a head on (texts, targets)."""
+    """Train the encoder in `folder` (a Hugging Face BertModel) + a head on (texts, targets).
+    `device`: "cuda" or "cpu"; None picks CUDA when available. `dtype` (bfloat16 or float32) sets
+    the CPU autocast; on CUDA it is always bfloat16."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModel.from_pretrained(folder, trust_remote_code=False).train()
-    head = torch.nn.Linear(model.config.hidden_size, classes)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=False).to(device).train()
+    head = torch.nn.Linear(model.config.hidden_size, classes).to(device)
     counts = np.bincount(targets, minlength=classes).astype(np.float64)
     balance = len(targets) / (classes * np.maximum(counts, 1))  # sklearn's class_weight="balanced"
-    row_weight = torch.tensor(balance[targets] * np.asarray(weights, dtype=np.float64), dtype=torch.float32)
-    y = torch.as_tensor(targets, dtype=torch.long)
+    row_weight = torch.tensor(
+        balance[targets] * np.asarray(weights, dtype=np.float64), dtype=torch.float32, device=device
+    )
+    y = torch.as_tensor(targets, dtype=torch.long, device=device)
 
     epochs = math.ceil(spec.epochs)
     plan: list[list[int]] = []
@@ -97,7 +105,7 @@ def fine_tune(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / len(plan))
     )
-    autocast = dtype == torch.bfloat16
+    autocast = device == "cuda" or dtype == torch.bfloat16
     started = time.perf_counter()
     bar = tqdm(plan, desc="fine-tune router encoder", unit="step", disable=not progress)
     for rows in bar:
@@ -107,14 +115,15 @@ def fine_tune(
             truncation=True,
             max_length=max_tokens,
             return_tensors="pt",
-        )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
             logits = head(pooled.float() * COSINE_SCALE)
-        losses = F.cross_entropy(logits.float(), y[rows], reduction="none")
-        w = row_weight[rows]
+        index = torch.as_tensor(rows, device=device)
+        losses = F.cross_entropy(logits.float(), y[index], reduction="none")
+        w = row_weight[index]
         loss = (losses * w).sum() / w.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,11 +131,12 @@ def fine_tune(
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - started
-    log.info("router encoder fine-tuned: %d steps in %.0f s", len(plan), seconds)
+    log.info("router encoder fine-tuned on %s: %d steps in %.0f s", device, len(plan), seconds)
     return TunedEncoder(
-        state={k: v.detach().float().clone() for k, v in model.state_dict().items()},
-        head_weight=head.weight.detach().numpy().copy(),
-        head_bias=head.bias.detach().numpy().copy(),
+        state={k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()},
+        head_weight=head.weight.detach().float().cpu().numpy().copy(),
+        head_bias=head.bias.detach().float().cpu().numpy().copy(),
         steps=len(plan),
         seconds=round(seconds, 1),
+        device=device,
     )

@@ -156,7 +156,11 @@ def fit_router(
             seed=spec.seed,
         )
         features.set_models(coef, intercept, result.state, result.head_weight, result.head_bias)
-        finetune_info = {"finetune_steps": result.steps, "finetune_seconds": result.seconds}
+        finetune_info = {
+            "finetune_steps": result.steps,
+            "finetune_seconds": result.seconds,
+            "finetune_device": result.device,
+        }
         xv, embv = featurize(features, validation.texts)
         mix = spec.finetune.mix
         if mix is None:

@@ -52,7 +52,7 @@ COMMANDS: dict[str, Command] = {
     "train-router": Command(
         "router.train:train_router_command",
         "Train the N-way router on the experts' training splits; calibrate its threshold.",
-        "moe train-router [router=tfidf|embed|combined]",
+        "moe train-router [router=tuned|combined|embed|tfidf]",
     ),
     "route": Command(
         "router.cli:route_command",
@@ -79,7 +79,7 @@ COMMANDS: dict[str, Command] = {
     "add-expert": Command(
         "serving.manage:add_expert_command",
         "Add an expert from its one YAML file: corpus, adapter, router, live endpoint update.",
-        "moe add-expert <slug> [--force] [train=quick]",
+        "moe add-expert <slug> [--force] [train=quick] [router=combined]",
         "Write conf/expert/<slug>.yaml first (see README 'Add your own expert').",
         positional=True,
     ),
@@ -187,7 +187,7 @@ def _print_help(name: str, cmd: Command) -> None:
         print(f"\n{cmd.details}")
     print(
         "\nCommon overrides: expert=<slug>  base_model=smollm2_135m|tiny|local  train=quick|full|tiny\n"
-        "  router=tfidf|embed|combined  paths.artifacts=DIR  serve.port=N\n"
+        "  router=tuned|combined|embed|tfidf  paths.artifacts=DIR  serve.port=N\n"
         "Config lives in conf/ (one YAML per expert in conf/expert/). Hydra flags: --cfg job, -m, --hydra-help."
     )
 

@@ -6,10 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from experts.config import compose
 from experts.schema import FineTuneSpec
-from router.features import SentenceEncoder, TunedFeatures, build_features
+from router.features import ENCODER_MAX_TOKENS, SentenceEncoder, TunedFeatures, build_features
+from router.finetune import COSINE_SCALE, fine_tune
 from router.model import Router
 from router.train import fit_router
 
@@ -45,6 +47,7 @@ def test_both_halves_learn_the_task(tuned):
     assert _accuracy(x[:, classes:], test) > 0.6  # the tuned encoder's head alone (chance 1/3)
     assert _accuracy(router.predict_proba(test.texts), test) > 0.9
     assert metrics["finetune_steps"] == 20
+    assert metrics["finetune_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert 0 <= metrics["mix"] <= 1
 
 
@@ -64,3 +67,24 @@ def test_save_load_round_trip(tuned, tmp_path):
     texts = make_examples(10, seed=3).texts
     np.testing.assert_allclose(loaded.predict_proba(texts), router.predict_proba(texts), atol=5e-3)
     assert [d.expert for d in loaded.decide(texts)] == [d.expert for d in router.decide(texts)]
+
+
+@pytest.mark.gpu
+def test_fine_tuning_on_cuda_returns_cpu_weights_that_learned(tuned):
+    _, _, app = tuned
+    folder = build_features("tuned", app.router.encoder_package, app.paths.downloads_dir).folder
+    train = make_examples(60, seed=0)
+    targets = np.array([LABELS.index(label) if label in LABELS else len(LABELS) for label in train.labels])
+    spec = FineTuneSpec(epochs=3, max_steps=30, batch_size=16, warmup_steps=2)
+    result = fine_tune(
+        folder, train.texts, targets, np.ones(len(targets)), len(LABELS) + 1, spec,
+        max_tokens=ENCODER_MAX_TOKENS, dtype=torch.float32, device="cuda", progress=False,
+    )  # fmt: skip
+    assert result.device == "cuda" and result.steps == 30
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in result.state.values())
+    encoder = SentenceEncoder(
+        folder, state={k: v for k, v in result.state.items() if not k.startswith("pooler.")}
+    )
+    test = make_examples(30, seed=2)
+    logits = COSINE_SCALE * encoder.encode(test.texts) @ result.head_weight.T + result.head_bias
+    assert _accuracy(logits, test) > 0.6  # chance 1/3
