@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_bench.py            # real SmolLM2-135M base, six experts
     .venv/bin/python benchmarks/serve_bench.py --quick    # fewer requests (a smoke run)
+    .venv/bin/python benchmarks/serve_bench.py --served-only serve.pool.engine=thread   # A/B of settings
 
 - Throughput and latency at concurrency 1, 8 and 32 (32-token prompts, exactly 64 new tokens,
   requests spread round-robin over the experts), for
@@ -193,20 +194,22 @@ def bench_naive(
     return sweep("naive", call, totals), one_model
 
 
+def request_body(names: list[str], texts: list[str], i: int) -> dict[str, Any]:
+    """Request i of a run: experts and prompts round-robin, exactly NEW_TOKENS greedy tokens."""
+    return {
+        "model": names[i % len(names)],
+        "prompt": texts[i % len(texts)],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+
 def bench_served(url: str, names: list[str], texts: list[str], totals: dict[int, int]) -> dict[int, Any]:
     client = httpx.Client(timeout=600)
 
     def call(i: int) -> int:
-        reply = client.post(
-            f"{url}/completions",
-            json={
-                "model": names[i % len(names)],
-                "prompt": texts[i % len(texts)],
-                "max_tokens": NEW_TOKENS,
-                "temperature": 0,
-                "ignore_eos": True,
-            },
-        )
+        reply = client.post(f"{url}/completions", json=request_body(names, texts, i))
         reply.raise_for_status()
         body = reply.json()
         assert body["usage"]["prompt_tokens"] <= PROMPT_TOKENS + 2, body["usage"]
@@ -214,6 +217,34 @@ def bench_served(url: str, names: list[str], texts: list[str], totals: dict[int,
 
     call(0)  # warm-up
     return sweep("served", call, totals)
+
+
+def bench_stream(url: str, names: list[str], texts: list[str], repeats: int) -> dict[str, Any]:
+    """Batch-1 decode speed as a client sees it: one streamed request at a time, tokens after the
+    first over the time from the first to the last (time to first token apart), median of `repeats`."""
+    client = httpx.Client(timeout=600)
+    rates, firsts = [], []
+    for i in range(repeats + 1):  # the first is a warm-up
+        body = {**request_body(names, texts, i), "stream": True}
+        t0 = time.perf_counter()
+        stamps = []
+        with client.stream("POST", f"{url}/completions", json=body) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if (
+                    line.startswith("data: ")
+                    and line != "data: [DONE]"
+                    and json.loads(line[6:])["choices"][0]["text"]
+                ):
+                    stamps.append(time.perf_counter())
+        if i and len(stamps) > 1:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            firsts.append(stamps[0] - t0)
+    return {
+        "repeats": len(rates),
+        "decode_tok_s": round(statistics.median(rates), 1),
+        "time_to_first_token_s": round(statistics.median(firsts), 3),
+    }
 
 
 def bench_routing(url: str, expert: str, repeats: int) -> dict[str, Any]:
@@ -292,8 +323,23 @@ def table(r: dict[str, Any]) -> str:
         f"Routing (median of {rt['repeats']}, 1 new token): auto {rt['auto_ms']} ms vs forced "
         f"{rt['forced_ms']} ms (overhead {rt['overhead_ms']} ms); POST /v1/route {rt['route_ms']} ms "
         f"({r['router']}).",
-        f"Batch-1 decode through the endpoint: {r['served']['1']['throughput_tok_s']} tok/s.",
+        f"Batch-1 decode through the endpoint: {r['served']['1']['throughput_tok_s']} tok/s end to end; "
+        f"streamed, {r['stream']['decode_tok_s']} tok/s after the first token (first token after "
+        f"{r['stream']['time_to_first_token_s']} s; median of {r['stream']['repeats']}).",
     ]
+    return "\n".join(rows)
+
+
+def served_table(r: dict[str, Any]) -> str:
+    """The served side alone (--served-only)."""
+    rows = ["| concurrency | served tok/s | served p50 / p95 s |", "|---|---|---|"]
+    for c in CONCURRENCY:
+        s = r["served"][str(c)]
+        rows.append(f"| {c} | {s['throughput_tok_s']} | {s['latency_p50_s']} / {s['latency_p95_s']} |")
+    st = r["stream"]
+    rows.append(
+        f"\nStreamed batch-1 decode {st['decode_tok_s']} tok/s, first token {st['time_to_first_token_s']} s."
+    )
     return "\n".join(rows)
 
 
@@ -302,6 +348,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    parser.add_argument(
+        "--served-only",
+        action="store_true",
+        help="skip the naive baseline and memory (A/B of serve settings)",
+    )
     parser.add_argument("--experts", type=int, default=6, help="number of experts (routable ones first)")
     parser.add_argument("--out", default=None, help="JSON output (default artifacts/bench/serve.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. serve.pool.torch_threads=1")
@@ -342,24 +393,27 @@ def main() -> None:
                 "max_batch_size": app.serve.max_batch_size,
                 "pool_torch_threads": app.serve.pool.torch_threads,
                 "pool_num_cpus": app.serve.pool.num_cpus,
+                "pool_engine": app.serve.pool.engine,
             },
         }
-        print("naive baseline ...", flush=True)
-        naive, one_model = bench_naive(app, names, texts, totals, dtype)
-        result["naive"] = {str(c): v for c, v in naive.items()}
-        mem = memory(app, names, dtype)
-        result["memory"] = {
-            **mem,
-            "one_model_bytes": one_model,
-            "separate_bytes": one_model * len(names),
-            "pool_vs_one_model": round(mem["pool_bytes"] / one_model, 3),
-        }
+        if not args.served_only:
+            print("naive baseline ...", flush=True)
+            naive, one_model = bench_naive(app, names, texts, totals, dtype)
+            result["naive"] = {str(c): v for c, v in naive.items()}
+            mem = memory(app, names, dtype)
+            result["memory"] = {
+                **mem,
+                "one_model_bytes": one_model,
+                "separate_bytes": one_model * len(names),
+                "pool_vs_one_model": round(mem["pool_bytes"] / one_model, 3),
+            }
         from serving.app import start_server, stop_server
 
         print("served ...", flush=True)
         url = start_server(app)
         try:
             result["served"] = {str(c): v for c, v in bench_served(url, names, texts, totals).items()}
+            result["stream"] = bench_stream(url, names, texts, 3 if args.quick else 7)
             repeats = 5 if args.quick else 20
             result["routing"] = {**bench_routing(url, names[0], repeats), "repeats": repeats}
         finally:
@@ -368,7 +422,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
-    print("\n" + table(result))
+    print("\n" + (table(result) if "naive" in result else served_table(result)))
     print(f"\nwritten to {out}")
 
 

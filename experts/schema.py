@@ -202,6 +202,9 @@ class ResourceSpec:
     max_queued_requests: int = 128  # beyond this the endpoint answers 503 + Retry-After
     torch_threads: int = 1  # per replica; threads fight under oversubscription
     autoscaling: dict[str, Any] = field(default_factory=dict)  # Ray Serve autoscaling_config
+    # Expert pools: "process" decodes in a child process of the replica, torch on its initial
+    # thread (OpenMP spins there; serving/worker.py); "thread" in a worker thread of the replica.
+    engine: Literal["process", "thread"] = "process"
 
     def __post_init__(self) -> None:
         _check(self.num_replicas >= 1, f"num_replicas {self.num_replicas} must be >= 1")

@@ -96,23 +96,37 @@ def check_retrieval(app: AppConfig, served: list[str]) -> None:
 # --------------------------------------------------------------------------------------------
 @serve.deployment
 class ExpertPoolDeployment:
-    """The base model once and the adapters of `names`; mixed-expert batches, streamed per step."""
+    """The base model once and the adapters of `names`; mixed-expert batches, streamed per step.
+    engine "process": decoded by a child process (`serving.worker`); "thread": in this replica."""
 
     def __init__(
-        self, app: AppConfig, names: list[str], torch_threads: int, max_batch_size: int, batch_wait_s: float
+        self,
+        app: AppConfig,
+        names: list[str],
+        torch_threads: int,
+        max_batch_size: int,
+        batch_wait_s: float,
+        engine: str = "process",
     ):
-        import torch
+        from serving.worker import EngineProcess, load_pool
 
-        from experts.adapters import ExpertPool
-        from serving.engine import serving_weights
-
-        torch.set_num_threads(torch_threads)  # replicas share cores; oversubscribed threads fight
-        self.pool = ExpertPool.load(app, names, strict=False)
-        serving_weights(self.pool)  # adapters loaded later wrap these same base weights
-        self.versions = {name: adapter_version(folder) for name, folder in self.pool.adapters.items()}
+        self.engine: Any = None
+        self.pool: Any = None
+        if engine == "process":
+            self.engine = EngineProcess(app, names, torch_threads)
+        else:
+            self.pool = load_pool(app, names, torch_threads)
+            self.versions = {name: adapter_version(folder) for name, folder in self.pool.adapters.items()}
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
-        log.info("expert pool ready: %s on %s (%s)", self.pool.names(), self.pool.device, self.pool.dtype)
+        info = self.info()
+        log.info(
+            "expert pool ready (%s engine): %s on %s (%s)",
+            engine,
+            info["experts"],
+            info["device"],
+            info["dtype"],
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream one request's deltas (call with `handle.options(stream=True)`): one per token, or
@@ -136,6 +150,14 @@ class ExpertPoolDeployment:
         """Decode the batch; each step yields one Delta per request (StopIteration once it ended).
         A request that fails (its adapter does not load, its input is refused) gets a Delta with
         its error; the others decode on."""
+        async for step in self._steps(requests):
+            yield [StopIteration if d is None else d for d in step]
+
+    async def _steps(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
+        if self.engine is not None:
+            async for step in self.engine.decode(requests):
+                yield step
+            return
         from serving.engine import decode, load_adapters
 
         # Adapters added or retrained since this replica started load first (this request's version).
@@ -146,15 +168,23 @@ class ExpertPoolDeployment:
             step = await asyncio.to_thread(next, steps, None)
             if step is None:
                 return
-            yield [StopIteration if d is None else d for d in step]
+            yield step
+
+    def check_health(self) -> None:
+        """Ray Serve restarts a replica whose engine process died."""
+        if self.engine is not None and not self.engine.alive():
+            raise RuntimeError(self.engine.error or "the engine process exited")
 
     def info(self) -> dict[str, Any]:
-        return {
-            "experts": list(self.pool.adapters),
-            "failed": dict(self.pool.failed),
-            "device": self.pool.device,
-            "dtype": str(self.pool.dtype).removeprefix("torch."),
-        }
+        from serving.worker import pool_info
+
+        if self.engine is None:
+            return pool_info(self.pool)
+        return {**self.engine.info, "engine_pid": self.engine.proc.pid}
+
+    def __del__(self) -> None:  # Ray Serve calls this when it stops the replica
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,16 +834,20 @@ def api_keys(app: AppConfig) -> list[str]:
     return keys
 
 
-def thread_advice(threads: int, cpus: int) -> str | None:
+def thread_advice(threads: int, cpus: int, engine: str = "process") -> str | None:
     """Why `threads` torch threads per replica will decode slowly on `cpus` CPUs (None: they won't).
 
-    A replica runs torch off its process's initial thread, so libgomp manages threads + 1 threads;
-    more than the CPUs and it throttles its spinning, every parallel matmul then pays a futex
-    wake-up (on 2 CPUs two threads decode 19 tok/s, one 25: benchmarks/openmp_threads_bench.py)."""
-    if threads > 1 and threads + 1 > cpus:
+    libgomp counts the threads it manages, the process's initial thread included; more than the
+    CPUs and it throttles its spinning, so every parallel matmul pays a futex wake-up. The
+    "process" engine runs torch on its own process's initial thread (threads managed = threads);
+    the "thread" engine runs it off the replica's (threads + 1): on 2 CPUs two threads there decode
+    19 tok/s, one 25 (benchmarks/openmp_threads_bench.py)."""
+    managed = threads if engine == "process" else threads + 1
+    if threads > 1 and managed > cpus:
+        most = cpus if engine == "process" else cpus - 1
         return (
-            f"torch_threads={threads} on {cpus} CPUs: OpenMP would manage {threads + 1} threads and "
-            f"throttle them, slower than one thread; use torch_threads <= {max(1, cpus - 1)}"
+            f"torch_threads={threads} on {cpus} CPUs ({engine} engine): OpenMP would manage {managed} "
+            f"threads and throttle them, slower than fewer; use torch_threads <= {max(1, most)}"
         )
     return None
 
@@ -837,7 +871,7 @@ def build_app(app: AppConfig) -> serve.Application:
             (f"expert {e.name}", e.serving.resources) for e in app.experts if e.serving.dedicated
         ]
         for label, res in placed:
-            if advice := thread_advice(res.torch_threads, cpus):
+            if advice := thread_advice(res.torch_threads, cpus, res.engine):
                 log.warning("%s: %s", label, advice)
     specs = {e.name: e for e in app.experts}
     serve_cfg = app.serve
@@ -850,6 +884,7 @@ def build_app(app: AppConfig) -> serve.Application:
             serve_cfg.pool.torch_threads,
             serve_cfg.max_batch_size,
             serve_cfg.batch_wait_timeout_s,
+            serve_cfg.pool.engine,
         )
     }
     placement = {BASE: pool_name, **{n: pool_name for n in shared}}
@@ -859,7 +894,12 @@ def build_app(app: AppConfig) -> serve.Application:
         if dep in deployments or dep == "ingress":
             raise ConfigError(f"deployment name {dep!r} is used twice; rename expert {name!r}")
         deployments[dep] = ExpertPoolDeployment.options(**deployment_options(res, dep)).bind(
-            app, [name], res.torch_threads, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s
+            app,
+            [name],
+            res.torch_threads,
+            serve_cfg.max_batch_size,
+            serve_cfg.batch_wait_timeout_s,
+            res.engine,
         )
         placement[name] = dep
     check_retrieval(app, ok)

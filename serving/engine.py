@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,9 +309,14 @@ def generate(
 ) -> list[tuple[str, int, str] | Exception]:
     """Decode a batch to the end (`decode`'s arguments): (text, completion tokens, finish reason)
     per request, or the exception of a request that failed."""
-    texts = [""] * len(requests)
-    result: list[tuple[str, int, str] | Exception] = [("", 0, "length")] * len(requests)
-    for step in decode(pool, requests, failed, fast):
+    return results(decode(pool, requests, failed, fast), len(requests))
+
+
+def results(steps: Iterable[Sequence[Delta | None]], n: int) -> list[tuple[str, int, str] | Exception]:
+    """The steps of a batch of `n` requests summed up as `generate` returns them."""
+    texts = [""] * n
+    result: list[tuple[str, int, str] | Exception] = [("", 0, "length")] * n
+    for step in steps:
         for i, delta in enumerate(step):
             if delta is not None and delta.error is not None:
                 result[i] = delta.error

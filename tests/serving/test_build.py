@@ -32,22 +32,30 @@ def test_shared_pool_and_dedicated_expert(serve_artifacts):
 
 
 @pytest.mark.parametrize(
-    ("threads", "cpus", "slow"), [(1, 2, False), (2, 2, True), (2, 3, False), (4, 4, True)]
+    ("threads", "cpus", "engine", "slow"),
+    [
+        (1, 2, "process", False),
+        (2, 2, "process", False),  # the engine process's initial thread is one of the two
+        (3, 2, "process", True),
+        (2, 2, "thread", True),  # the replica's initial thread makes a third
+        (2, 3, "thread", False),
+        (4, 4, "thread", True),
+    ],
 )
-def test_thread_advice_flags_more_openmp_threads_than_cpus(threads, cpus, slow):
-    advice = thread_advice(threads, cpus)
+def test_thread_advice_flags_more_openmp_threads_than_cpus(threads, cpus, engine, slow):
+    advice = thread_advice(threads, cpus, engine)
     assert (advice is not None) == slow
     if slow:
-        assert f"torch_threads <= {cpus - 1}" in advice
+        assert f"torch_threads <= {cpus if engine == 'process' else cpus - 1}" in advice
 
 
 def test_building_with_too_many_pool_threads_warns(serve_artifacts, caplog, monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     app = serve_config(serve_artifacts)
-    threads = dataclasses.replace(app.serve, pool=dataclasses.replace(app.serve.pool, torch_threads=2))
+    threads = dataclasses.replace(app.serve, pool=dataclasses.replace(app.serve.pool, torch_threads=3))
     with caplog.at_level("WARNING"):
         build_app(dataclasses.replace(app, serve=threads))
-    assert any("serve.pool: torch_threads=2 on 2 CPUs" in r.getMessage() for r in caplog.records)
+    assert any("serve.pool: torch_threads=3 on 2 CPUs" in r.getMessage() for r in caplog.records)
 
 
 def test_duplicate_experts_are_refused(serve_artifacts):

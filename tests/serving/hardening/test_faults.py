@@ -5,6 +5,8 @@ the endpoint answers normally again within a bounded time (printed)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -70,3 +72,46 @@ def test_killing_a_pool_replica_under_load(endpoint):
     assert pool_replica_names() and pool_replica_names() != [victim]
     assert reply.json()["usage"]["completion_tokens"] == 2
     assert httpx.get(f"{endpoint.url}/health", timeout=30).json()["status"] == "ok"
+
+
+def test_killing_the_engine_process_under_load(endpoint):
+    """The pool replica's engine process dies: its requests fail with a clean 503, the replica's
+    health check fails, Ray Serve replaces the replica, and the endpoint answers again."""
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    (victim,) = pool_replica_names()
+    pool = serve.get_deployment_handle(victim.split("#")[1], app_name=APP_NAME)
+    pid = pool.info.remote().result()["engine_pid"]
+    body = {
+        "model": "legal",
+        "messages": [{"role": "user", "content": "the licensee shall"}],
+        "max_tokens": 2,
+    }
+    results: list = []
+    load = threading.Thread(target=lambda: results.extend(asyncio.run(burst(endpoint, 64, 8, tag="engine"))))
+    load.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    load.join(TIMEOUT_S + 30)
+    assert not load.is_alive(), "a request hung"
+    statuses: dict[int, int] = {}
+    for i, reply in results:
+        assert reply is not None, f"request {i} got no answer"
+        statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+        if reply.status_code != 200:
+            assert reply.status_code == 503, reply.text[:300]
+            assert_openai_error(reply)
+    while True:
+        reply = endpoint.post("/v1/chat/completions", json=body, timeout=30)
+        if reply.status_code == 200:
+            break
+        assert reply.status_code == 503, reply.text[:300]
+        assert time.monotonic() - killed < RECOVERY_LIMIT_S, f"no recovery in {RECOVERY_LIMIT_S:.0f} s"
+        time.sleep(0.5)
+    print(
+        f"\nfault: killed the engine process; statuses {statuses}; answering after {time.monotonic() - killed:.1f} s"
+    )
+    assert pool.info.remote().result()["engine_pid"] != pid

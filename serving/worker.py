@@ -1,0 +1,271 @@
+"""The expert pool's engine in a process of its own, torch on that process's initial thread.
+
+Why: a Ray Serve replica runs user code off its process's initial thread, and libgomp (torch's
+OpenMP) counts the initial thread among the threads it manages; once they outnumber the CPUs it
+throttles every team's spinning, so each of the ~120 parallel GEMVs of a batch-1 decode step pays a
+futex wake-up. On 2 CPUs, 2 torch threads in a replica decode slower than 1
+(benchmarks/openmp_threads_bench.py). In a child process whose initial thread runs torch, the team
+is the only one and spins as it should (vLLM runs its engine in a separate process too).
+
+`EngineProcess` (in the replica) starts `python -m serving.worker FD` over a private socket pair,
+sends it the config, and waits until the pool is loaded. `decode(requests)` sends one batch and
+yields its steps as the child produces them; the child interleaves the steps of every batch it
+holds (one step of each in turn) and loads adapters the requests name that it lacks. Messages are
+pickled `serving.engine` dataclasses between two processes of this project over a socket pair
+nobody else holds; no file or user input is unpickled. The child exits when the replica closes the
+socket or dies (its next read sees the end of the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from serving.api import UnavailableError
+
+log = logging.getLogger(__name__)
+
+GONE = (OSError, EOFError, ValueError)  # talking to a process that may have exited
+READY_TIMEOUT_S = 900.0  # loading the base model and every adapter (a cold disk, a big model)
+
+
+class EngineError(UnavailableError):
+    """The engine process failed or went away; the requests it held fail with this (HTTP 503:
+    the replica's health check fails with it too, and Ray Serve starts a new one)."""
+
+
+def _picklable(obj: Any) -> Any:
+    """`obj` if it pickles, else (an exception) a RuntimeError with its text."""
+    try:
+        pickle.dumps(obj)
+        return obj
+    except Exception:
+        return RuntimeError(f"{type(obj).__name__}: {obj}")
+
+
+def _safe_step(step: Sequence[Any]) -> list[Any]:
+    """A decode step whose deltas' errors all pickle."""
+    from dataclasses import replace
+
+    out = []
+    for delta in step:
+        if delta is not None and delta.error is not None:
+            delta = replace(delta, error=_picklable(delta.error))
+        out.append(delta)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The replica's side
+# --------------------------------------------------------------------------------------------
+class EngineProcess:
+    """A running engine process: `decode` batches on it, `info` about its pool, `close` it."""
+
+    def __init__(self, app: Any, names: Sequence[str], torch_threads: int):
+        parent, child = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[1])  # this project, wherever the replica's cwd is
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads), "PYTHONPATH": path}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.worker", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            env=env,
+        )
+        child.close()
+        self.conn = Connection(parent.detach())
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._batches: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._lock = threading.Lock()
+        self.error: str | None = None
+        self._closing = False
+        self._send(("init", app, list(names), torch_threads))
+        kind, payload = self._wait_ready()
+        if kind != "ready":
+            self.close()
+            raise EngineError(f"the engine process could not load the expert pool: {payload}")
+        self.info: dict[str, Any] = payload
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self) -> tuple[str, Any]:
+        waited = 0.0
+        while not self.conn.poll(1.0):
+            waited += 1.0
+            if self.proc.poll() is not None:
+                return "failed", f"it exited with code {self.proc.returncode} while loading"
+            if waited > READY_TIMEOUT_S:
+                return "failed", f"not ready after {READY_TIMEOUT_S:.0f} s"
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            return "failed", f"it closed the connection while loading ({exc})"
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self.conn.send(message)
+
+    def alive(self) -> bool:
+        return self.error is None and self.proc.poll() is None
+
+    def _read(self) -> None:
+        """Hand each message of the child to the batch it belongs to (runs in a thread)."""
+        try:
+            while True:
+                kind, *rest = self.conn.recv()
+                if kind == "info":
+                    self.info = rest[0]
+                    continue
+                batch, payload = rest
+                with self._lock:
+                    target = self._batches.get(batch)
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        except (EOFError, OSError):
+            try:
+                self.error = f"the engine process exited (code {self.proc.wait(5.0)})"
+            except subprocess.TimeoutExpired:
+                self.error = "the engine process closed its connection"
+        except Exception as exc:  # a message that cannot be read: nothing more can be trusted
+            self.error = f"unreadable message from the engine process: {exc!r}"
+        (log.info if self._closing else log.error)("expert pool engine stopped: %s", self.error)
+        with self._lock:
+            pending = list(self._batches.values())
+        for loop, queue in pending:
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", EngineError(self.error)))
+
+    async def decode(self, requests: Sequence[Any]) -> AsyncIterator[list[Any]]:
+        """`serving.engine.decode` on the engine process, adapters loaded first: one list of
+        Delta-or-None per step."""
+        if not self.alive():
+            raise EngineError(self.error or f"the engine process exited (code {self.proc.returncode})")
+        batch = next(self._ids)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        with self._lock:
+            self._batches[batch] = (asyncio.get_running_loop(), queue)
+        try:
+            try:
+                self._send(("decode", batch, list(requests)))
+            except GONE as exc:
+                raise EngineError(f"the engine process went away ({exc})") from exc
+            while True:
+                kind, payload = await queue.get()
+                if kind == "step":
+                    yield payload
+                elif kind == "done":
+                    return
+                else:  # "error": the batch failed as a whole (its forward pass, the process)
+                    raise payload
+        finally:
+            with self._lock:
+                self._batches.pop(batch, None)
+            if self.alive():
+                with contextlib.suppress(*GONE):
+                    self._send(("cancel", batch, None))  # a no-op for a batch that ended
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._closing = True
+        with contextlib.suppress(*GONE):
+            self._send(("stop", None, None))
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(*GONE):
+            self.conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The engine process
+# --------------------------------------------------------------------------------------------
+def pool_info(pool: Any) -> dict[str, Any]:
+    return {
+        "experts": list(pool.adapters),
+        "failed": dict(pool.failed),
+        "device": pool.device,
+        "dtype": str(pool.dtype).removeprefix("torch."),
+    }
+
+
+def load_pool(app: Any, names: Sequence[str], torch_threads: int) -> Any:
+    """The serving pool: threads set, base weights in the compute dtype."""
+    import torch
+
+    from experts.adapters import ExpertPool
+    from serving.engine import serving_weights
+
+    torch.set_num_threads(torch_threads)  # replicas share cores; oversubscribed threads fight
+    pool = ExpertPool.load(app, list(names), strict=False)
+    serving_weights(pool)  # adapters loaded later wrap these same base weights
+    return pool
+
+
+def serve_forever(conn: Connection) -> None:
+    """The engine loop: read batches, step each held batch in turn, send every step back."""
+    from serving.engine import adapter_version, decode, load_adapters
+
+    kind, app, names, threads = conn.recv()
+    assert kind == "init", kind
+    try:
+        pool = load_pool(app, names, threads)
+    except Exception as exc:  # reported to the replica, which fails to start with it
+        log.exception("could not load the expert pool")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    versions = {name: adapter_version(folder) for name, folder in pool.adapters.items()}
+    conn.send(("ready", pool_info(pool)))
+    held: dict[int, Iterator[list[Any]]] = {}
+    while True:
+        while conn.poll(0 if held else None):
+            kind, batch, payload = conn.recv()
+            if kind == "stop":
+                return
+            if kind == "cancel":
+                steps = held.pop(batch, None)
+                if steps is not None:
+                    steps.close()  # type: ignore[attr-defined]
+                continue
+            known = len(pool.adapters), len(pool.failed)
+            failed = load_adapters(pool, payload, versions)
+            if (len(pool.adapters), len(pool.failed)) != known:
+                conn.send(("info", pool_info(pool)))
+            held[batch] = decode(pool, payload, failed)
+        for batch, steps in list(held.items()):
+            try:
+                step = next(steps, None)
+            except Exception as exc:  # a shared forward pass failed: this batch fails as a whole
+                log.exception("batch %d failed", batch)
+                held.pop(batch)
+                conn.send(("error", batch, _picklable(exc)))
+                continue
+            if step is None:
+                held.pop(batch)
+                conn.send(("done", batch, None))
+            else:
+                conn.send(("step", batch, _safe_step(step)))
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    conn = Connection(int(argv[0]))
+    with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):  # the replica went away
+        serve_forever(conn)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,161 @@
+"""The engine process (`serving.worker`): a real child process on the tiny pool decodes what the
+replica's own thread would, interleaves batches, returns per-request errors intact, and fails
+cleanly when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import time
+
+import pytest
+
+from serving.api import RequestError
+from serving.engine import GenerationRequest, SamplingParams, generate, results
+from serving.worker import EngineError, EngineProcess, load_pool
+from tests.serving.conftest import SERVED, serve_config
+
+GREEDY = SamplingParams(max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def app(serve_artifacts):
+    return serve_config(serve_artifacts)
+
+
+@pytest.fixture(scope="module")
+def engine(app):
+    engine = EngineProcess(app, list(SERVED), 1)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def local_pool(app):
+    return load_pool(app, list(SERVED), 1)  # the same config, in this process: the reference
+
+
+def ids(pool, text: str) -> tuple[int, ...]:
+    return tuple(pool.tokenizer(text).input_ids)
+
+
+async def _collect(engine: EngineProcess, requests) -> list:
+    """`generate`'s result shape from the engine process's steps."""
+    return results([step async for step in engine.decode(requests)], len(requests))
+
+
+def _requests(pool) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(ids(pool, "what is the dose of insulin"), {"biomedical": 1.0}, GREEDY),
+        GenerationRequest(ids(pool, "copyright"), {"legal": 0.5, "python_docs": 0.5}, GREEDY),
+        GenerationRequest(ids(pool, "how does asyncio run"), {"base": 1.0}, SamplingParams(max_tokens=5)),
+    ]
+
+
+def test_the_engine_runs_in_its_own_process_with_the_pool(engine):
+    assert engine.alive() and engine.proc.pid != os.getpid()
+    assert sorted(engine.info["experts"]) == sorted(SERVED) and engine.info["device"] == "cpu"
+
+
+def test_engine_process_decodes_what_the_replica_thread_would(engine, local_pool):
+    requests = _requests(local_pool)
+    got = asyncio.run(_collect(engine, requests))
+    assert got == generate(local_pool, requests)
+    assert [r[1] for r in got] == [8, 8, 5]
+
+
+def test_two_batches_at_once_each_decode_as_alone(engine, local_pool):
+    first, second = _requests(local_pool)[:2], _requests(local_pool)[2:]
+
+    async def both():
+        return await asyncio.gather(_collect(engine, first), _collect(engine, second))
+
+    a, b = asyncio.run(both())
+    assert a == generate(local_pool, first) and b == generate(local_pool, second)
+
+
+def test_a_refused_request_comes_back_as_its_own_error(engine, local_pool):
+    vocab = local_pool.model.get_input_embeddings().weight.shape[0]
+    good = _requests(local_pool)[0]
+    bad = GenerationRequest((1, vocab + 5), {"legal": 1.0}, GREEDY)
+    got = asyncio.run(_collect(engine, [bad, good]))
+    assert isinstance(got[0], RequestError) and got[0].param == "prompt"
+    assert "outside the vocabulary" in str(got[0])
+    assert got[1] == generate(local_pool, [good])[0]
+
+
+def test_a_dead_engine_fails_its_requests_and_its_health(app, local_pool):
+    engine = EngineProcess(app, list(SERVED), 1)
+    long = GenerationRequest(
+        ids(local_pool, "gene"), {"biomedical": 1.0}, SamplingParams(500, ignore_eos=True)
+    )
+
+    async def killed_midway():
+        steps = 0
+        async for _ in engine.decode([long]):
+            steps += 1
+            if steps == 2:
+                os.kill(engine.proc.pid, signal.SIGKILL)
+        return steps
+
+    with pytest.raises(EngineError, match="engine process exited"):
+        asyncio.run(killed_midway())
+    assert not engine.alive()
+    with pytest.raises(EngineError):
+        asyncio.run(_collect(engine, [long]))
+    engine.close()
+
+
+def test_the_engine_exits_when_its_replica_goes_away(app):
+    engine = EngineProcess(app, list(SERVED), 1)
+    engine.conn.close()  # what the kernel does when the replica process dies
+    deadline = time.monotonic() + 30
+    while engine.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.proc.returncode == 0
+
+
+def test_a_pool_that_cannot_load_fails_the_start_with_why(app, tmp_path):
+    broken = dataclasses.replace(
+        app, base_model=dataclasses.replace(app.base_model, path=str(tmp_path / "none"))
+    )
+    broken = dataclasses.replace(broken, base_model=dataclasses.replace(broken.base_model, source="local"))
+    with pytest.raises(EngineError, match="could not load the expert pool"):
+        EngineProcess(broken, list(SERVED), 1)
+
+
+@pytest.mark.serve
+def test_either_engine_serves_the_same_answers_over_http(serve_artifacts):
+    """The endpoint with `serve.pool.engine=thread` and `=process`: the same greedy answers."""
+    import httpx
+
+    from serving.app import start_server, stop_server
+
+    answers = {}
+    for kind in ("thread", "process"):
+        app = serve_config(serve_artifacts, "serve.port=8127", f"serve.pool.engine={kind}")
+        url = start_server(app)
+        try:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                replies = [
+                    client.post(
+                        "/completions",
+                        json={
+                            "model": model,
+                            "prompt": "the licensee may",
+                            "max_tokens": 6,
+                            "temperature": 0,
+                        },
+                    ).json()
+                    for model in (*SERVED, "base")
+                ]
+        finally:
+            stop_server()
+        answers[kind] = [
+            (r["model"], r["choices"][0]["text"], r["usage"]["completion_tokens"]) for r in replies
+        ]
+    assert answers["thread"] == answers["process"]
+    assert [n for _, _, n in answers["process"]] == [6] * (len(SERVED) + 1)
+    assert len({text for _, text, _ in answers["process"]}) > 1  # the experts answer differently
