@@ -11,19 +11,21 @@ is the only one and spins as it should (vLLM runs its engine in a separate proce
 sends it the config, and waits until the pool is loaded. `decode(requests)` sends one batch and
 yields its steps as the child produces them; the child interleaves the steps of every batch it
 holds (one step of each in turn) and loads adapters the requests name that it lacks. Messages are
-pickled `serving.engine` dataclasses between two processes of this project over a socket pair
-nobody else holds; no file or user input is unpickled. The child exits when the replica closes the
-socket or dies (its next read sees the end of the stream).
+JSON over a socket pair nobody else holds (no pickle): the config as its dataclass fields, requests
+and deltas field by field, an error as its type, message and fields, rebuilt from a fixed table of
+this project's and Python's exception types. The child exits when the replica closes the socket or
+dies (its next read sees the end of the stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -33,7 +35,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from serving.api import UnavailableError
+from experts.errors import ArtifactError, ConfigError, DataError, MoeError, UnknownExpertError
+from experts.schema import AppConfig, build
+from serving.api import OverloadedError, RequestError, UnavailableError
+from serving.engine import Delta, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +51,80 @@ class EngineError(UnavailableError):
     the replica's health check fails with it too, and Ray Serve starts a new one)."""
 
 
-def _picklable(obj: Any) -> Any:
-    """`obj` if it pickles, else (an exception) a RuntimeError with its text."""
-    try:
-        pickle.dumps(obj)
-        return obj
-    except Exception:
-        return RuntimeError(f"{type(obj).__name__}: {obj}")
+# Exceptions a delta or a failed batch may carry, rebuilt by name on the replica's side; any
+# other type arrives as a RuntimeError naming it (a 500, as it would have been).
+_ERRORS: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (
+        MoeError,
+        ConfigError,
+        DataError,
+        ArtifactError,
+        UnavailableError,
+        OverloadedError,
+        FloatingPointError,
+        ValueError,
+        RuntimeError,
+    )
+}
 
 
-def _safe_step(step: Sequence[Any]) -> list[Any]:
-    """A decode step whose deltas' errors all pickle."""
-    from dataclasses import replace
+def encode_error(exc: BaseException) -> dict[str, Any]:
+    fields = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, RequestError):
+        fields.update(param=exc.param, code=exc.code)
+    if isinstance(exc, UnknownExpertError):
+        fields.update(name=exc.name, available=exc.available)
+    return fields
 
-    out = []
-    for delta in step:
-        if delta is not None and delta.error is not None:
-            delta = replace(delta, error=_picklable(delta.error))
-        out.append(delta)
-    return out
+
+def decode_error(fields: dict[str, Any]) -> BaseException:
+    kind, message = fields["type"], fields["message"]
+    if kind == "RequestError":
+        return RequestError(message, param=fields.get("param"), code=fields.get("code"))
+    if kind == "UnknownExpertError":
+        return UnknownExpertError(fields["name"], fields["available"])
+    if kind == "EngineError":
+        return EngineError(message)
+    cls = _ERRORS.get(kind)
+    return cls(message) if cls is not None else RuntimeError(f"{kind}: {message}")
+
+
+def encode_delta(delta: Delta | None) -> dict[str, Any] | None:
+    if delta is None:
+        return None
+    error = None if delta.error is None else encode_error(delta.error)
+    return {**dataclasses.asdict(dataclasses.replace(delta, error=None)), "error": error}
+
+
+def decode_delta(fields: dict[str, Any] | None) -> Delta | None:
+    if fields is None:
+        return None
+    error = None if fields["error"] is None else decode_error(fields["error"])
+    return Delta(fields["text"], fields["completion_tokens"], fields["finish_reason"], error)
+
+
+def encode_request(request: GenerationRequest) -> dict[str, Any]:
+    return dataclasses.asdict(request)
+
+
+def decode_request(fields: dict[str, Any]) -> GenerationRequest:
+    params = SamplingParams(**{**fields["params"], "stop": tuple(fields["params"]["stop"])})
+    return GenerationRequest(
+        tuple(fields["prompt_ids"]),
+        dict(fields["experts"]),
+        params,
+        {name: (folder, version) for name, (folder, version) in fields["adapters"].items()},
+        fields["stream"],
+    )
+
+
+def _send(conn: Connection, *message: Any) -> None:
+    conn.send_bytes(json.dumps(message).encode())
+
+
+def _recv(conn: Connection) -> list[Any]:
+    return json.loads(conn.recv_bytes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +151,7 @@ class EngineProcess:
         self._lock = threading.Lock()
         self.error: str | None = None
         self._closing = False
-        self._send(("init", app, list(names), torch_threads))
+        self._send("init", dataclasses.asdict(app), list(names), torch_threads)
         kind, payload = self._wait_ready()
         if kind != "ready":
             self.close()
@@ -109,13 +169,14 @@ class EngineProcess:
             if waited > READY_TIMEOUT_S:
                 return "failed", f"not ready after {READY_TIMEOUT_S:.0f} s"
         try:
-            return self.conn.recv()
+            kind, payload = _recv(self.conn)
+            return kind, payload
         except (EOFError, OSError) as exc:
             return "failed", f"it closed the connection while loading ({exc})"
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, *message: Any) -> None:
         with self._send_lock:
-            self.conn.send(message)
+            _send(self.conn, *message)
 
     def alive(self) -> bool:
         return self.error is None and self.proc.poll() is None
@@ -124,11 +185,15 @@ class EngineProcess:
         """Hand each message of the child to the batch it belongs to (runs in a thread)."""
         try:
             while True:
-                kind, *rest = self.conn.recv()
+                kind, *rest = _recv(self.conn)
                 if kind == "info":
                     self.info = rest[0]
                     continue
                 batch, payload = rest
+                if kind == "step":
+                    payload = [decode_delta(d) for d in payload]
+                elif kind == "error":
+                    payload = decode_error(payload)
                 with self._lock:
                     target = self._batches.get(batch)
                 if target is not None:
@@ -158,7 +223,7 @@ class EngineProcess:
             self._batches[batch] = (asyncio.get_running_loop(), queue)
         try:
             try:
-                self._send(("decode", batch, list(requests)))
+                self._send("decode", batch, [encode_request(r) for r in requests])
             except GONE as exc:
                 raise EngineError(f"the engine process went away ({exc})") from exc
             while True:
@@ -174,12 +239,12 @@ class EngineProcess:
                 self._batches.pop(batch, None)
             if self.alive():
                 with contextlib.suppress(*GONE):
-                    self._send(("cancel", batch, None))  # a no-op for a batch that ended
+                    self._send("cancel", batch, None)  # a no-op for a batch that ended
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._closing = True
         with contextlib.suppress(*GONE):
-            self._send(("stop", None, None))
+            self._send("stop", None, None)
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -218,20 +283,20 @@ def serve_forever(conn: Connection) -> None:
     """The engine loop: read batches, step each held batch in turn, send every step back."""
     from serving.engine import adapter_version, decode, load_adapters
 
-    kind, app, names, threads = conn.recv()
+    kind, fields, names, threads = _recv(conn)
     assert kind == "init", kind
     try:
-        pool = load_pool(app, names, threads)
+        pool = load_pool(build(AppConfig, fields), names, threads)
     except Exception as exc:  # reported to the replica, which fails to start with it
         log.exception("could not load the expert pool")
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        _send(conn, "failed", f"{type(exc).__name__}: {exc}")
         return
     versions = {name: adapter_version(folder) for name, folder in pool.adapters.items()}
-    conn.send(("ready", pool_info(pool)))
+    _send(conn, "ready", pool_info(pool))
     held: dict[int, Iterator[list[Any]]] = {}
     while True:
         while conn.poll(0 if held else None):
-            kind, batch, payload = conn.recv()
+            kind, batch, payload = _recv(conn)
             if kind == "stop":
                 return
             if kind == "cancel":
@@ -239,24 +304,25 @@ def serve_forever(conn: Connection) -> None:
                 if steps is not None:
                     steps.close()  # type: ignore[attr-defined]
                 continue
+            requests = [decode_request(r) for r in payload]
             known = len(pool.adapters), len(pool.failed)
-            failed = load_adapters(pool, payload, versions)
+            failed = load_adapters(pool, requests, versions)
             if (len(pool.adapters), len(pool.failed)) != known:
-                conn.send(("info", pool_info(pool)))
-            held[batch] = decode(pool, payload, failed)
+                _send(conn, "info", pool_info(pool))
+            held[batch] = decode(pool, requests, failed)
         for batch, steps in list(held.items()):
             try:
                 step = next(steps, None)
             except Exception as exc:  # a shared forward pass failed: this batch fails as a whole
                 log.exception("batch %d failed", batch)
                 held.pop(batch)
-                conn.send(("error", batch, _picklable(exc)))
+                _send(conn, "error", batch, encode_error(exc))
                 continue
             if step is None:
                 held.pop(batch)
-                conn.send(("done", batch, None))
+                _send(conn, "done", batch, None)
             else:
-                conn.send(("step", batch, _safe_step(step)))
+                _send(conn, "step", batch, [encode_delta(d) for d in step])
 
 
 def main(argv: Sequence[str]) -> int:

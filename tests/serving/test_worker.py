@@ -6,15 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import time
 
 import pytest
 
+from experts.errors import ArtifactError, UnknownExpertError
 from serving.api import RequestError
-from serving.engine import GenerationRequest, SamplingParams, generate, results
-from serving.worker import EngineError, EngineProcess, load_pool
+from serving.engine import Delta, GenerationRequest, SamplingParams, generate, results
+from serving.worker import (
+    EngineError,
+    EngineProcess,
+    decode_delta,
+    decode_error,
+    decode_request,
+    encode_delta,
+    encode_error,
+    encode_request,
+    load_pool,
+)
 from tests.serving.conftest import SERVED, serve_config
 
 GREEDY = SamplingParams(max_tokens=8)
@@ -159,3 +171,43 @@ def test_either_engine_serves_the_same_answers_over_http(serve_artifacts):
     assert answers["thread"] == answers["process"]
     assert [n for _, _, n in answers["process"]] == [6] * (len(SERVED) + 1)
     assert len({text for _, text, _ in answers["process"]}) > 1  # the experts answer differently
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RequestError("prompt token id 9 is outside the vocabulary", param="prompt", code="bad"),
+        UnknownExpertError("lgal", ["legal", "biomedical"]),
+        ArtifactError("cannot load adapter legal"),
+        FloatingPointError("the model produced NaN log-probabilities"),
+        EngineError("the engine process exited (code -9)"),
+    ],
+)
+def test_errors_cross_the_socket_as_their_own_type_and_fields(error):
+    back = decode_error(json.loads(json.dumps(encode_error(error))))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert vars(back) == vars(error)  # param, code, name, available
+
+
+def test_an_unknown_error_type_arrives_as_a_runtime_error_naming_it():
+    class Odd(Exception):
+        pass
+
+    back = decode_error(json.loads(json.dumps(encode_error(Odd("strange")))))
+    assert type(back) is RuntimeError and str(back) == "Odd: strange"
+
+
+def test_requests_and_deltas_survive_the_json_round_trip():
+    request = GenerationRequest(
+        (1, 2, 3),
+        {"legal": 0.6, "base": 0.4},
+        SamplingParams(7, 0.5, 0.9, 1.1, ("\n\n",), True),
+        {"legal": ("/tmp/legal", 1234.5)},
+        stream=False,
+    )
+    assert decode_request(json.loads(json.dumps(encode_request(request)))) == request
+    delta = Delta("hé", 3, "error", RequestError("no", param="prompt"))
+    back = decode_delta(json.loads(json.dumps(encode_delta(delta))))
+    assert (back.text, back.completion_tokens, back.finish_reason) == ("hé", 3, "error")
+    assert isinstance(back.error, RequestError) and back.error.param == "prompt"
+    assert decode_delta(encode_delta(None)) is None
