@@ -53,7 +53,7 @@ class EngineError(UnavailableError):
 
 # Exceptions a delta or a failed batch may carry, rebuilt by name on the replica's side; any
 # other type arrives as a RuntimeError naming it (a 500, as it would have been).
-_ERRORS: dict[str, type[BaseException]] = {
+_ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls
     for cls in (
         MoeError,
@@ -69,8 +69,8 @@ _ERRORS: dict[str, type[BaseException]] = {
 }
 
 
-def encode_error(exc: BaseException) -> dict[str, Any]:
-    fields = {"type": type(exc).__name__, "message": str(exc)}
+def encode_error(exc: Exception) -> dict[str, Any]:
+    fields: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
     if isinstance(exc, RequestError):
         fields.update(param=exc.param, code=exc.code)
     if isinstance(exc, UnknownExpertError):
@@ -78,7 +78,7 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
     return fields
 
 
-def decode_error(fields: dict[str, Any]) -> BaseException:
+def decode_error(fields: dict[str, Any]) -> Exception:
     kind, message = fields["type"], fields["message"]
     if kind == "RequestError":
         return RequestError(message, param=fields.get("param"), code=fields.get("code"))
