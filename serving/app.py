@@ -55,7 +55,15 @@ from serving.api import (
     key_accepted,
     now,
 )
-from serving.engine import Delta, GenerationRequest, SamplingParams, adapter_version, coalesce
+from serving.engine import (
+    Delta,
+    GenerationRequest,
+    SamplingParams,
+    adapter_version,
+    coalesce,
+    loaded_versions,
+    open_batch,
+)
 from serving.querylog import QueryEntry, QueryLog, query_log_url
 from serving.review import review_router
 
@@ -116,7 +124,7 @@ class ExpertPoolDeployment:
             self.engine = EngineProcess(app, names, torch_threads)
         else:
             self.pool = load_pool(app, names, torch_threads)
-            self.versions = {name: adapter_version(folder) for name, folder in self.pool.adapters.items()}
+            self.versions = loaded_versions(self.pool)
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
         info = self.info()
@@ -158,11 +166,8 @@ class ExpertPoolDeployment:
             async for step in self.engine.decode(requests):
                 yield step
             return
-        from serving.engine import decode, load_adapters
-
         # Adapters added or retrained since this replica started load first (this request's version).
-        failed = await asyncio.to_thread(load_adapters, self.pool, requests, self.versions)
-        steps = decode(self.pool, requests, failed)
+        steps = await asyncio.to_thread(open_batch, self.pool, requests, self.versions)
         while True:
             # Torch runs in a worker thread so the event loop keeps accepting requests meanwhile.
             step = await asyncio.to_thread(next, steps, None)
@@ -842,12 +847,12 @@ def thread_advice(threads: int, cpus: int, engine: str = "process") -> str | Non
     "process" engine runs torch on its own process's initial thread (threads managed = threads);
     the "thread" engine runs it off the replica's (threads + 1): on 2 CPUs two threads there decode
     19 tok/s, one 25 (benchmarks/openmp_threads_bench.py)."""
-    managed = threads if engine == "process" else threads + 1
-    if threads > 1 and managed > cpus:
-        most = cpus if engine == "process" else cpus - 1
+    initial = 0 if engine == "process" else 1  # the replica's initial thread, counted too
+    if threads > 1 and threads + initial > cpus:
         return (
-            f"torch_threads={threads} on {cpus} CPUs ({engine} engine): OpenMP would manage {managed} "
-            f"threads and throttle them, slower than fewer; use torch_threads <= {max(1, most)}"
+            f"torch_threads={threads} on {cpus} CPUs ({engine} engine): OpenMP would manage "
+            f"{threads + initial} threads and throttle them, slower than fewer; "
+            f"use torch_threads <= {max(1, cpus - initial)}"
         )
     return None
 

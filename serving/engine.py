@@ -219,6 +219,18 @@ def load_adapters(
     return errors
 
 
+def loaded_versions(pool: ExpertPool) -> dict[str, float]:
+    """Expert -> version of the adapter the pool has loaded (`load_adapters` keeps it current)."""
+    return {name: adapter_version(folder) for name, folder in pool.adapters.items()}
+
+
+def open_batch(
+    pool: ExpertPool, requests: Sequence[GenerationRequest], versions: dict[str, float]
+) -> Iterator[list[Delta | None]]:
+    """`decode` of a batch after loading the adapter versions it names that the pool lacks."""
+    return decode(pool, requests, load_adapters(pool, requests, versions))
+
+
 def decode(
     pool: ExpertPool,
     requests: Sequence[GenerationRequest],

@@ -62,6 +62,7 @@ _ERRORS: dict[str, type[Exception]] = {
         ArtifactError,
         UnavailableError,
         OverloadedError,
+        EngineError,
         FloatingPointError,
         ValueError,
         RuntimeError,
@@ -84,8 +85,6 @@ def decode_error(fields: dict[str, Any]) -> Exception:
         return RequestError(message, param=fields.get("param"), code=fields.get("code"))
     if kind == "UnknownExpertError":
         return UnknownExpertError(fields["name"], fields["available"])
-    if kind == "EngineError":
-        return EngineError(message)
     cls = _ERRORS.get(kind)
     return cls(message) if cls is not None else RuntimeError(f"{kind}: {message}")
 
@@ -94,7 +93,12 @@ def encode_delta(delta: Delta | None) -> dict[str, Any] | None:
     if delta is None:
         return None
     error = None if delta.error is None else encode_error(delta.error)
-    return {**dataclasses.asdict(dataclasses.replace(delta, error=None)), "error": error}
+    return {  # field by field, not dataclasses.asdict: this runs for every row of every step
+        "text": delta.text,
+        "completion_tokens": delta.completion_tokens,
+        "finish_reason": delta.finish_reason,
+        "error": error,
+    }
 
 
 def decode_delta(fields: dict[str, Any] | None) -> Delta | None:
@@ -133,7 +137,7 @@ def _recv(conn: Connection) -> list[Any]:
 class EngineProcess:
     """A running engine process: `decode` batches on it, `info` about its pool, `close` it."""
 
-    def __init__(self, app: Any, names: Sequence[str], torch_threads: int):
+    def __init__(self, app: AppConfig, names: Sequence[str], torch_threads: int):
         parent, child = socket.socketpair()
         root = str(Path(__file__).resolve().parents[1])  # this project, wherever the replica's cwd is
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
@@ -281,7 +285,7 @@ def load_pool(app: Any, names: Sequence[str], torch_threads: int) -> Any:
 
 def serve_forever(conn: Connection) -> None:
     """The engine loop: read batches, step each held batch in turn, send every step back."""
-    from serving.engine import adapter_version, decode, load_adapters
+    from serving.engine import loaded_versions, open_batch
 
     kind, fields, names, threads = _recv(conn)
     assert kind == "init", kind
@@ -291,7 +295,7 @@ def serve_forever(conn: Connection) -> None:
         log.exception("could not load the expert pool")
         _send(conn, "failed", f"{type(exc).__name__}: {exc}")
         return
-    versions = {name: adapter_version(folder) for name, folder in pool.adapters.items()}
+    versions = loaded_versions(pool)
     _send(conn, "ready", pool_info(pool))
     held: dict[int, Iterator[list[Any]]] = {}
     while True:
@@ -306,10 +310,9 @@ def serve_forever(conn: Connection) -> None:
                 continue
             requests = [decode_request(r) for r in payload]
             known = len(pool.adapters), len(pool.failed)
-            failed = load_adapters(pool, requests, versions)
+            held[batch] = open_batch(pool, requests, versions)
             if (len(pool.adapters), len(pool.failed)) != known:
                 _send(conn, "info", pool_info(pool))
-            held[batch] = decode(pool, requests, failed)
         for batch, steps in list(held.items()):
             try:
                 step = next(steps, None)
