@@ -61,9 +61,8 @@ def token_logprobs(app: Any, router: Router, split: str) -> dict[str, tuple[np.n
 
 def weights(router: Router, prior: np.ndarray, top_k: int, min_prob: float) -> np.ndarray:
     """`Router.mixture_weights` at these settings, as a [blocks, experts] matrix."""
-    router.mixture_top_k, router.mixture_min_prob = top_k, min_prob
     w = np.zeros_like(prior)
-    for i, mix in enumerate(router.mixture_weights_of(prior)):
+    for i, mix in enumerate(router.mixture_weights_of(prior, top_k, min_prob)):
         for label, weight in mix.items():
             w[i, router.labels.index(label)] = weight
     return w

@@ -234,10 +234,14 @@ class Router:
             decisions.append(decision)
         return decisions
 
-    def _mixture(self, row: np.ndarray) -> dict[str, float]:
-        """The top `mixture_top_k` experts with posterior >= `mixture_min_prob`, renormalised
-        (empty when none passes)."""
-        ranked = [i for i in np.argsort(-row)[: self.mixture_top_k] if row[i] >= self.mixture_min_prob]
+    def _mixture(
+        self, row: np.ndarray, top_k: int | None = None, min_prob: float | None = None
+    ) -> dict[str, float]:
+        """The top `top_k` experts with posterior >= `min_prob` (default: the router's
+        `mixture_top_k` / `mixture_min_prob`), renormalised (empty when none passes)."""
+        top_k = self.mixture_top_k if top_k is None else top_k
+        min_prob = self.mixture_min_prob if min_prob is None else min_prob
+        ranked = [i for i in np.argsort(-row)[:top_k] if row[i] >= min_prob]
         total = float(row[ranked].sum())
         return {self.labels[i]: round(float(row[i]) / total, 6) for i in ranked}
 
@@ -247,9 +251,12 @@ class Router:
         alone (what `moe eval` compares with top-1 routing)."""
         return self.mixture_weights_of(self.predict_proba(texts))
 
-    def mixture_weights_of(self, probs: np.ndarray) -> list[dict[str, float]]:
-        """`mixture_weights` of posterior rows already computed (`predict_proba`'s)."""
-        return [self._mixture(row) or {self.labels[int(row.argmax())]: 1.0} for row in probs]
+    def mixture_weights_of(
+        self, probs: np.ndarray, top_k: int | None = None, min_prob: float | None = None
+    ) -> list[dict[str, float]]:
+        """`mixture_weights` of posterior rows already computed (`predict_proba`'s), at the
+        router's mixture settings or the ones given."""
+        return [self._mixture(row, top_k, min_prob) or {self.labels[int(row.argmax())]: 1.0} for row in probs]
 
     # ---------------------------------------------------------------------------------------
     # Persistence (JSON + safetensors; never pickle)
