@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from experts.adapters import ExpertPool
 from experts.base_model import load_tokenizer
 from experts.config import compose
+from experts.evaluate import observed_logprobs
 from experts.train import domain_blocks
 from router.model import Router, load_router
 
@@ -49,12 +50,13 @@ def token_logprobs(app: Any, router: Router, split: str) -> dict[str, tuple[np.n
         prior = router.predict_proba(tok.batch_decode(blocks, skip_special_tokens=True))
         logp = np.zeros((len(domains), len(blocks), blocks.shape[1] - 1), dtype=np.float32)
         for j, expert in enumerate(tqdm(domains, desc=f"{split} {domain}")):
-            for start in range(0, len(blocks), batch):
-                ids = blocks[start : start + batch]
-                with torch.inference_mode():
-                    logits = pool.forward(ids, torch.ones_like(ids), [expert] * len(ids)).logits[:, :-1]
-                    picked = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-                logp[j, start : start + batch] = picked.numpy()
+            with torch.inference_mode():
+                picked, _ = observed_logprobs(
+                    lambda ids, mask, rows, e=expert: pool.forward(ids, mask, [e] * len(ids)).logits,
+                    blocks,
+                    batch,
+                )
+            logp[j] = picked.numpy()
         out[domain] = (prior, logp)
     return out
 

@@ -11,18 +11,18 @@ import torch
 Forward = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
 
-def block_nll(
+def observed_logprobs(
     forward: Forward,
     blocks: torch.Tensor,
     batch_size: int = 8,
     logprobs: bool = False,
     labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Summed next-token NLL and token count per block -> tensor [n_blocks, 2].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every observed next token [n_blocks, T-1] (0 where masked), and the mask.
 
     `forward` returns logits (or log-probabilities when `logprobs`); `labels` may mask tokens with -100.
     """
-    out = []
+    picks, masks = [], []
     for start in range(0, len(blocks), batch_size):
         rows = slice(start, start + batch_size)
         ids = blocks[rows]
@@ -31,9 +31,23 @@ def block_nll(
         logp = scores if logprobs else torch.log_softmax(scores, dim=-1)
         mask = target != -100
         picked = logp.gather(-1, target.clamp(min=0).to(logp.device).unsqueeze(-1)).squeeze(-1)
-        nll = -(picked * mask.to(picked.device)).sum(dim=1)
-        out.append(torch.stack([nll.cpu(), mask.sum(dim=1).float()], dim=1))
-    return torch.cat(out) if out else torch.zeros(0, 2)
+        picks.append((picked * mask.to(picked.device)).cpu())
+        masks.append(mask.cpu())
+    if not picks:
+        return torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.bool)
+    return torch.cat(picks), torch.cat(masks)
+
+
+def block_nll(
+    forward: Forward,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    logprobs: bool = False,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Summed next-token NLL and token count per block -> tensor [n_blocks, 2] (`observed_logprobs`' arguments)."""
+    picked, mask = observed_logprobs(forward, blocks, batch_size, logprobs, labels)
+    return torch.stack([-picked.sum(dim=1), mask.sum(dim=1).float()], dim=1)
 
 
 def perplexity(nll: torch.Tensor) -> float:
