@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -122,7 +123,10 @@ def test_a_dead_engine_fails_its_requests_and_its_health(app, local_pool):
 
 def test_the_engine_exits_when_its_replica_goes_away(app):
     engine = EngineProcess(app, list(SERVED), 1)
-    engine.conn.close()  # what the kernel does when the replica process dies
+    # What the kernel does when the replica process dies: the socket ends for every holder.
+    # (Closing only this fd would not: the reader thread's pending recv keeps the socket open.)
+    with socket.socket(fileno=os.dup(engine.conn.fileno())) as end:
+        end.shutdown(socket.SHUT_RDWR)
     deadline = time.monotonic() + 30
     while engine.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
