@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -60,9 +61,9 @@ from serving.engine import (
     GenerationRequest,
     SamplingParams,
     adapter_version,
-    coalesce,
     loaded_versions,
     open_batch,
+    paced,
 )
 from serving.querylog import QueryEntry, QueryLog, query_log_url
 from serving.review import review_router
@@ -111,47 +112,42 @@ class ExpertPoolDeployment:
         self,
         app: AppConfig,
         names: list[str],
-        torch_threads: int,
+        res: ResourceSpec,
         max_batch_size: int,
         batch_wait_s: float,
-        engine: str = "process",
     ):
         from serving.worker import EngineProcess, load_pool
 
         self.engine: Any = None
         self.pool: Any = None
-        if engine == "process":
-            self.engine = EngineProcess(app, names, torch_threads)
+        if res.engine == "process":
+            self.engine = EngineProcess(app, names, res.torch_threads)
         else:
-            self.pool = load_pool(app, names, torch_threads)
+            self.pool = load_pool(app, names, res.torch_threads)
             self.versions = loaded_versions(self.pool)
+        self.stream_interval_s = app.serve.stream_interval_s
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
         info = self.info()
         log.info(
             "expert pool ready (%s engine): %s on %s (%s)",
-            engine,
+            res.engine,
             info["experts"],
             info["device"],
             info["dtype"],
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream one request's deltas (call with `handle.options(stream=True)`): one per token, or
-        for `request.stream` False two: the first token's (a refusal surfaces before any byte) and
-        the rest in one (each message through Ray costs more than a batch-1 decode step)."""
+        """Stream one request's deltas (call with `handle.options(stream=True)`): the first token's
+        at once (a refusal surfaces before any byte), then, for `request.stream`, what the decoder
+        made since the last one at most every `serve.stream_interval_s` (0: one per token), or
+        else the rest in one. Each message through Ray, the ingress and the proxy costs CPU time
+        the decoder shares."""
         # A plain async generator in front of the batched one: Ray Serve 2.60 treats the
         # `@serve.batch` wrapper of a generator as a sync method and refuses to stream it.
-        held: list[Delta] = []
-        first = True
-        async for delta in self._decode_batch(request):
-            if request.stream or first:
-                first = False
-                yield delta
-            else:
-                held.append(delta)
-        if held:
-            yield coalesce(held)
+        interval = self.stream_interval_s if request.stream else math.inf
+        async for message in paced(self._decode_batch(request), interval):
+            yield message
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _decode_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
@@ -884,12 +880,7 @@ def build_app(app: AppConfig) -> serve.Application:
     shared = [n for n in ok if not specs[n].serving.dedicated]
     deployments = {
         pool_name: ExpertPoolDeployment.options(**deployment_options(serve_cfg.pool, pool_name)).bind(
-            app,
-            shared,
-            serve_cfg.pool.torch_threads,
-            serve_cfg.max_batch_size,
-            serve_cfg.batch_wait_timeout_s,
-            serve_cfg.pool.engine,
+            app, shared, serve_cfg.pool, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s
         )
     }
     placement = {BASE: pool_name, **{n: pool_name for n in shared}}
@@ -899,12 +890,7 @@ def build_app(app: AppConfig) -> serve.Application:
         if dep in deployments or dep == "ingress":
             raise ConfigError(f"deployment name {dep!r} is used twice; rename expert {name!r}")
         deployments[dep] = ExpertPoolDeployment.options(**deployment_options(res, dep)).bind(
-            app,
-            [name],
-            res.torch_threads,
-            serve_cfg.max_batch_size,
-            serve_cfg.batch_wait_timeout_s,
-            res.engine,
+            app, [name], res, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s
         )
         placement[name] = dep
     check_retrieval(app, ok)

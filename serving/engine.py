@@ -13,8 +13,9 @@ that cannot be sampled) ends alone with its error; the rest of its batch decodes
 from __future__ import annotations
 
 import logging
+import time
 import types
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ class GenerationRequest:
     # experts added or retrained while serving reach every replica without a restart.
     adapters: Mapping[str, tuple[str, float]] = field(default_factory=dict)
     # False: the caller wants the whole text only, so a server sends it in one piece at the end
-    # (`coalesce`) instead of one message per token. `decode` itself always steps token by token.
+    # (`paced`) instead of one message every `serve.stream_interval_s`. `decode` always steps token by token.
     stream: bool = True
 
 
@@ -101,6 +102,24 @@ def coalesce(deltas: Sequence[Delta]) -> Delta:
     last = deltas[-1]
     error = next((d.error for d in deltas if d.error is not None), None)
     return Delta("".join(d.text for d in deltas), last.completion_tokens, last.finish_reason, error)
+
+
+async def paced(
+    deltas: AsyncIterator[Delta], interval_s: float, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[Delta]:
+    """One request's deltas as the messages that carry them: the first at once (a refusal
+    surfaces before any byte), an error at once, otherwise what came since the last message once
+    `interval_s` has passed (0: every delta; inf: the rest in one at the end), coalesced."""
+    held: list[Delta] = []
+    sent: float | None = None  # when the last message left
+    async for delta in deltas:
+        held.append(delta)
+        now = clock()
+        if sent is None or delta.error is not None or now - sent >= interval_s:
+            yield coalesce(held)
+            held, sent = [], now
+    if held:
+        yield coalesce(held)
 
 
 def _eos_ids(pool: ExpertPool) -> set[int]:

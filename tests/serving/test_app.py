@@ -112,7 +112,7 @@ def test_chat_streaming(client):
     assert text == whole.choices[0].message.content
 
 
-def test_the_pool_sends_a_non_streamed_request_in_two_messages(url):
+def test_the_pool_paces_a_stream_and_sends_a_non_streamed_request_in_two_messages(url):
     from ray import serve
 
     from serving.app import APP_NAME
@@ -127,9 +127,13 @@ def test_the_pool_sends_a_non_streamed_request_in_two_messages(url):
         return [d async for d in handle.generate.remote(request)]
 
     streamed, whole = asyncio.run(deltas(True)), asyncio.run(deltas(False))
-    assert len(streamed) == 9 and len(whole) == 2  # the first token's (errors surface first), the rest
+    assert len(whole) == 2  # the first token's (errors surface first), the rest
+    # streamed: the first token at once, then serve.stream_interval_s apart (at most one per token)
+    counts = [d.completion_tokens for d in streamed]
+    assert counts[0] == 1 and counts == sorted(set(counts)) and len(streamed) <= 9
     assert "".join(d.text for d in whole) == "".join(d.text for d in streamed)
     assert (whole[-1].completion_tokens, whole[-1].finish_reason) == (9, "length")
+    assert (streamed[-1].completion_tokens, streamed[-1].finish_reason) == (9, "length")
 
 
 def test_completions_streaming(client):

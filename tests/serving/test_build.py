@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from experts.errors import ConfigError
-from experts.schema import ExpertServingSpec, ResourceSpec
+from experts.schema import ExpertServingSpec, ResourceSpec, ServeSpec
 from serving.app import build_app, deployment_options, thread_advice
 from tests.serving.conftest import SERVED, serve_config
 
@@ -29,6 +29,14 @@ def test_shared_pool_and_dedicated_expert(serve_artifacts):
     }
     assert pools["expert_legal"]._bound_deployment.ray_actor_options["num_gpus"] == 0.5
     assert set(SERVED) <= set(placement)
+    # each pool is built with its own resources (replicas, threads, engine)
+    assert pools["expert_legal"]._bound_deployment.init_args[2] == dedicated.resources
+    assert pools["pool_tiny"]._bound_deployment.init_args[2] == app.serve.pool
+
+
+def test_a_negative_stream_interval_is_refused():
+    with pytest.raises(ConfigError, match="serve.stream_interval_s -0.1 must be >= 0"):
+        ServeSpec(stream_interval_s=-0.1)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 import pytest
 
-from serving.engine import Delta, GenerationRequest, SamplingParams, coalesce, decode, generate
+from serving.engine import Delta, GenerationRequest, SamplingParams, coalesce, decode, generate, paced
 from tests.serving.conftest import SERVED
 
 
@@ -77,6 +80,41 @@ def test_coalesced_deltas_are_the_whole_rest_of_a_request():
     assert coalesce(deltas) == Delta("Hello", 4, "length")
     error = FloatingPointError("NaN")
     assert coalesce([Delta(" a", 5), Delta("", 5, "error", error)]) == Delta(" a", 5, "error", error)
+
+
+def _paced(deltas: list[Delta], times: list[float], interval_s: float) -> list[Delta]:
+    """`paced` over deltas that arrive at `times` (a clock read once per delta)."""
+
+    async def source():
+        for delta in deltas:
+            yield delta
+
+    clock = iter(times)
+    return asyncio.run(_collect(paced(source(), interval_s, clock=lambda: next(clock))))
+
+
+async def _collect(messages):
+    return [m async for m in messages]
+
+
+TOKENS = [Delta(t, n) for n, t in enumerate(["The", " court", " held", " that", " the", " deed"], 1)]
+ARRIVALS = [0.0, 0.1, 0.2, 0.3, 0.45, 0.6]
+
+
+def test_a_stream_is_paced_into_messages_at_most_every_interval():
+    messages = _paced(TOKENS, ARRIVALS, 0.25)
+    # the first at once; then each message once 0.25 s passed since the last (0.3, 0.6)
+    assert messages == [Delta("The", 1), Delta(" court held that", 4), Delta(" the deed", 6)]
+    assert _paced(TOKENS, ARRIVALS, 0.0) == TOKENS  # 0: one message per delta
+    assert _paced(TOKENS, ARRIVALS, math.inf) == [Delta("The", 1), Delta(" court held that the deed", 6)]
+    assert _paced(TOKENS[:4], ARRIVALS[:4], 0.25)[-1] == Delta(" court held that", 4)  # the end flushes
+
+
+def test_an_error_is_sent_at_once_however_long_the_interval():
+    error = FloatingPointError("NaN")
+    deltas = [Delta("The", 1), Delta(" court", 2), Delta("", 2, "error", error), Delta(" never", 3)]
+    messages = _paced(deltas, [0.0, 0.1, 0.2, 0.3], math.inf)
+    assert messages == [Delta("The", 1), Delta(" court", 2, "error", error), Delta(" never", 3)]
 
 
 def test_stop_string_ends_generation(pool):
