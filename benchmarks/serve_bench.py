@@ -219,32 +219,48 @@ def bench_served(url: str, names: list[str], texts: list[str], totals: dict[int,
     return sweep("served", call, totals)
 
 
+def stream(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[list[float], int]:
+    """One streamed completion: when each chunk of text arrived, and the completion tokens."""
+    stamps, tokens = [], 0
+    with client.stream("POST", f"{url}/completions", json={**body, "stream": True}) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    return stamps, tokens
+
+
 def bench_stream(url: str, names: list[str], texts: list[str], repeats: int) -> dict[str, Any]:
     """Batch-1 decode speed as a client sees it: one streamed request at a time, tokens after the
-    first over the time from the first to the last (time to first token apart), median of `repeats`."""
+    first over the time from the first to the last chunk of text (the first chunk is the first
+    token alone; later ones carry what came in each `serve.stream_interval_s`), and the time to
+    the first and to the last token; medians of `repeats`."""
     client = httpx.Client(timeout=600)
-    rates, firsts = [], []
+    rates, firsts, lasts = [], [], []
     for i in range(repeats + 1):  # the first is a warm-up
-        body = {**request_body(names, texts, i), "stream": True}
         t0 = time.perf_counter()
-        stamps = []
-        with client.stream("POST", f"{url}/completions", json=body) as reply:
-            reply.raise_for_status()
-            for line in reply.iter_lines():
-                if (
-                    line.startswith("data: ")
-                    and line != "data: [DONE]"
-                    and json.loads(line[6:])["choices"][0]["text"]
-                ):
-                    stamps.append(time.perf_counter())
+        stamps, tokens = stream(client, url, request_body(names, texts, i))
         if i and len(stamps) > 1:
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
             firsts.append(stamps[0] - t0)
+            lasts.append(stamps[-1] - t0)
     return {
         "repeats": len(rates),
         "decode_tok_s": round(statistics.median(rates), 1),
         "time_to_first_token_s": round(statistics.median(firsts), 3),
+        "time_to_last_token_s": round(statistics.median(lasts), 3),
     }
+
+
+def bench_streams(url: str, names: list[str], texts: list[str], total: int) -> dict[str, Any]:
+    """`total` streamed requests at once (what chat clients send): every chunk crosses the pool,
+    the ingress and the proxy, so this is where `serve.stream_interval_s` pays."""
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=total))
+    return drive(lambda i: stream(client, url, request_body(names, texts, i))[1], total, total)
 
 
 def bench_routing(url: str, expert: str, repeats: int) -> dict[str, Any]:
@@ -280,6 +296,25 @@ def memory(app: AppConfig, names: list[str], dtype: Any) -> dict[str, Any]:
     for p in pool.model.parameters():
         storages.setdefault(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
     return {"pool_bytes": sum(storages.values())}
+
+
+def bandwidth(weight_bytes: int, repeats: int = 5) -> dict[str, Any]:
+    """The physical limit of batch-1 decoding here: every weight is read once per token, so
+    tokens/s <= read bandwidth / weight bytes. The bandwidth is measured, not assumed: torch
+    summing one 512 MiB fp32 tensor at the pool's thread count (median of `repeats`)."""
+    data = torch.ones(2**27, dtype=torch.float32)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    gb_s = data.numel() * 4 / statistics.median(times) / 1e9
+    return {
+        "read_gb_s": round(gb_s, 1),
+        "weight_bytes_per_token": weight_bytes,
+        "limit_tok_s": round(gb_s * 1e9 / weight_bytes, 1),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -326,6 +361,8 @@ def table(r: dict[str, Any]) -> str:
         f"Batch-1 decode through the endpoint: {r['served']['1']['throughput_tok_s']} tok/s end to end; "
         f"streamed, {r['stream']['decode_tok_s']} tok/s after the first token (first token after "
         f"{r['stream']['time_to_first_token_s']} s; median of {r['stream']['repeats']}).",
+        limit_line(r),
+        streams_line(r),
     ]
     return "\n".join(rows)
 
@@ -340,7 +377,24 @@ def served_table(r: dict[str, Any]) -> str:
     rows.append(
         f"\nStreamed batch-1 decode {st['decode_tok_s']} tok/s, first token {st['time_to_first_token_s']} s."
     )
+    rows += [limit_line(r), streams_line(r)]
     return "\n".join(rows)
+
+
+def streams_line(r: dict[str, Any]) -> str:
+    s, plain = r["streams_32"], r["served"]["32"]
+    return (
+        f"32 concurrent streams: {s['throughput_tok_s']} tok/s (the same 32 not streamed: "
+        f"{plain['throughput_tok_s']}), stream_interval_s {r['serve']['stream_interval_s']}."
+    )
+
+
+def limit_line(r: dict[str, Any]) -> str:
+    b = r["bandwidth"]
+    return (
+        f"Bandwidth limit: {b['read_gb_s']} GB/s read (measured) / {b['weight_bytes_per_token'] / 1e6:.0f} MB "
+        f"of weights a token = {b['limit_tok_s']} tok/s; streamed decode is {r['stream']['of_limit']:.0%} of it."
+    )
 
 
 def main() -> None:
@@ -379,6 +433,7 @@ def main() -> None:
         texts = prompts(app, 64)
         probe = ExpertPool.load(app, [], device="cpu")
         dtype = probe.dtype
+        weight_bytes = sum(p.numel() for p in probe.model.parameters()) * dtype.itemsize
         del probe
         result: dict[str, Any] = {
             "machine": machine(),
@@ -394,7 +449,9 @@ def main() -> None:
                 "pool_torch_threads": app.serve.pool.torch_threads,
                 "pool_num_cpus": app.serve.pool.num_cpus,
                 "pool_engine": app.serve.pool.engine,
+                "stream_interval_s": app.serve.stream_interval_s,
             },
+            "bandwidth": bandwidth(weight_bytes),
         }
         if not args.served_only:
             print("naive baseline ...", flush=True)
@@ -413,7 +470,9 @@ def main() -> None:
         url = start_server(app)
         try:
             result["served"] = {str(c): v for c, v in bench_served(url, names, texts, totals).items()}
-            result["stream"] = bench_stream(url, names, texts, 3 if args.quick else 7)
+            result["stream"] = one = bench_stream(url, names, texts, 3 if args.quick else 7)
+            one["of_limit"] = round(one["decode_tok_s"] / result["bandwidth"]["limit_tok_s"], 3)
+            result["streams_32"] = bench_streams(url, names, texts, 32)
             repeats = 5 if args.quick else 20
             result["routing"] = {**bench_routing(url, names[0], repeats), "repeats": repeats}
         finally:
