@@ -7,6 +7,7 @@ name the bad value and what is allowed.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 import types
@@ -68,8 +69,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
+        if args[-1] is Ellipsis or len(set(args)) == 1:  # tuple[X, ...] or [X, X]: the class checks length
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):  # tuple[X, Y]: one value per position
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}

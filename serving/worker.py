@@ -38,7 +38,7 @@ from typing import Any
 from experts.errors import ArtifactError, ConfigError, DataError, MoeError, UnknownExpertError
 from experts.schema import AppConfig, build
 from serving.api import OverloadedError, RequestError, UnavailableError
-from serving.engine import Delta, GenerationRequest, SamplingParams
+from serving.engine import Delta, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,7 @@ def encode_request(request: GenerationRequest) -> dict[str, Any]:
 
 
 def decode_request(fields: dict[str, Any]) -> GenerationRequest:
-    params = SamplingParams(**{**fields["params"], "stop": tuple(fields["params"]["stop"])})
-    return GenerationRequest(
-        tuple(fields["prompt_ids"]),
-        dict(fields["experts"]),
-        params,
-        {name: (folder, version) for name, (folder, version) in fields["adapters"].items()},
-        fields["stream"],
-    )
+    return build(GenerationRequest, fields)  # typed and checked, as the config is
 
 
 def _send(conn: Connection, *message: Any) -> None:
