@@ -113,8 +113,6 @@ class ExpertPoolDeployment:
         app: AppConfig,
         names: list[str],
         res: ResourceSpec,
-        max_batch_size: int,
-        batch_wait_s: float,
     ):
         from serving.worker import EngineProcess, load_pool
 
@@ -126,8 +124,8 @@ class ExpertPoolDeployment:
             self.pool = load_pool(app, names, res.torch_threads)
             self.versions = loaded_versions(self.pool)
         self.stream_interval_s = app.serve.stream_interval_s
-        self._decode_batch.set_max_batch_size(max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._decode_batch.set_max_batch_size(app.serve.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(app.serve.batch_wait_timeout_s)
         info = self.info()
         log.info(
             "expert pool ready (%s engine): %s on %s (%s)",
@@ -880,7 +878,7 @@ def build_app(app: AppConfig) -> serve.Application:
     shared = [n for n in ok if not specs[n].serving.dedicated]
     deployments = {
         pool_name: ExpertPoolDeployment.options(**deployment_options(serve_cfg.pool, pool_name)).bind(
-            app, shared, serve_cfg.pool, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s
+            app, shared, serve_cfg.pool
         )
     }
     placement = {BASE: pool_name, **{n: pool_name for n in shared}}
@@ -889,9 +887,7 @@ def build_app(app: AppConfig) -> serve.Application:
         dep = f"expert_{name}"
         if dep in deployments or dep == "ingress":
             raise ConfigError(f"deployment name {dep!r} is used twice; rename expert {name!r}")
-        deployments[dep] = ExpertPoolDeployment.options(**deployment_options(res, dep)).bind(
-            app, [name], res, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s
-        )
+        deployments[dep] = ExpertPoolDeployment.options(**deployment_options(res, dep)).bind(app, [name], res)
         placement[name] = dep
     check_retrieval(app, ok)
     log_url = query_log_url(app) if serve_cfg.log_queries else None  # resolved here: replicas' cwd differs
