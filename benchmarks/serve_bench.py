@@ -337,47 +337,47 @@ def machine() -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    rows = [
-        "| concurrency | naive tok/s | served tok/s | speed-up | naive p50 / p95 s | served p50 / p95 s |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The summary for docs/benchmarks.md; the naive and memory parts only when they ran."""
+    naive = r.get("naive")
+    if naive:
+        rows = [
+            "| concurrency | naive tok/s | served tok/s | speed-up | naive p50 / p95 s | served p50 / p95 s |",
+            "|---|---|---|---|---|---|",
+        ]
+    else:
+        rows = ["| concurrency | served tok/s | served p50 / p95 s |", "|---|---|---|"]
     for c in CONCURRENCY:
-        n, s = r["naive"][str(c)], r["served"][str(c)]
+        s = r["served"][str(c)]
+        served = f"{s['latency_p50_s']} / {s['latency_p95_s']} |"
+        if naive:
+            n = naive[str(c)]
+            rows.append(
+                f"| {c} | {n['throughput_tok_s']} | {s['throughput_tok_s']} | "
+                f"{s['throughput_tok_s'] / n['throughput_tok_s']:.1f}x | "
+                f"{n['latency_p50_s']} / {n['latency_p95_s']} | {served}"
+            )
+        else:
+            rows.append(f"| {c} | {s['throughput_tok_s']} | {served}")
+    rows.append("")
+    if "memory" in r:
+        m = r["memory"]
         rows.append(
-            f"| {c} | {n['throughput_tok_s']} | {s['throughput_tok_s']} | "
-            f"{s['throughput_tok_s'] / n['throughput_tok_s']:.1f}x | "
-            f"{n['latency_p50_s']} / {n['latency_p95_s']} | {s['latency_p50_s']} / {s['latency_p95_s']} |"
+            f"Memory ({len(r['experts'])} experts, {r['dtype']} weights): one base + adapters "
+            f"{m['pool_bytes'] / 2**20:.0f} MiB vs {len(r['experts'])} separate models "
+            f"{m['separate_bytes'] / 2**20:.0f} MiB; one model {m['one_model_bytes'] / 2**20:.0f} MiB "
+            f"-> pool = {m['pool_vs_one_model']:.2f}x one model."
         )
-    m, rt = r["memory"], r["routing"]
+    rt, st = r["routing"], r["stream"]
     rows += [
-        "",
-        f"Memory ({len(r['experts'])} experts, {r['dtype']} weights): one base + adapters "
-        f"{m['pool_bytes'] / 2**20:.0f} MiB vs {len(r['experts'])} separate models "
-        f"{m['separate_bytes'] / 2**20:.0f} MiB; one model {m['one_model_bytes'] / 2**20:.0f} MiB "
-        f"-> pool = {m['pool_vs_one_model']:.2f}x one model.",
         f"Routing (median of {rt['repeats']}, 1 new token): auto {rt['auto_ms']} ms vs forced "
         f"{rt['forced_ms']} ms (overhead {rt['overhead_ms']} ms); POST /v1/route {rt['route_ms']} ms "
         f"({r['router']}).",
         f"Batch-1 decode through the endpoint: {r['served']['1']['throughput_tok_s']} tok/s end to end; "
-        f"streamed, {r['stream']['decode_tok_s']} tok/s after the first token (first token after "
-        f"{r['stream']['time_to_first_token_s']} s; median of {r['stream']['repeats']}).",
+        f"streamed, {st['decode_tok_s']} tok/s after the first token (first token after "
+        f"{st['time_to_first_token_s']} s; median of {st['repeats']}).",
         limit_line(r),
         streams_line(r),
     ]
-    return "\n".join(rows)
-
-
-def served_table(r: dict[str, Any]) -> str:
-    """The served side alone (--served-only)."""
-    rows = ["| concurrency | served tok/s | served p50 / p95 s |", "|---|---|---|"]
-    for c in CONCURRENCY:
-        s = r["served"][str(c)]
-        rows.append(f"| {c} | {s['throughput_tok_s']} | {s['latency_p50_s']} / {s['latency_p95_s']} |")
-    st = r["stream"]
-    rows.append(
-        f"\nStreamed batch-1 decode {st['decode_tok_s']} tok/s, first token {st['time_to_first_token_s']} s."
-    )
-    rows += [limit_line(r), streams_line(r)]
     return "\n".join(rows)
 
 
@@ -481,7 +481,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
-    print("\n" + (table(result) if "naive" in result else served_table(result)))
+    print("\n" + table(result))
     print(f"\nwritten to {out}")
 
 
