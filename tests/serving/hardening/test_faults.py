@@ -32,42 +32,53 @@ def pool_replica_names() -> list[str]:
     ]
 
 
-def test_killing_a_pool_replica_under_load(endpoint):
-    import ray
+BODY = {"model": "legal", "messages": [{"role": "user", "content": "the licensee shall"}], "max_tokens": 2}
 
-    (victim,) = pool_replica_names()
-    body = {
-        "model": "legal",
-        "messages": [{"role": "user", "content": "the licensee shall"}],
-        "max_tokens": 2,
-    }
-    assert endpoint.post("/v1/chat/completions", json=body).status_code == 200
 
+def kill_under_load(endpoint, kill, requests: int, concurrency: int, tag: str, failed: tuple[int, ...]):
+    """Start a burst, `kill()` a second in, and check that every request got an answer: 200 or
+    one of `failed` in OpenAI's error shape. Then wait until a completion succeeds again.
+    Returns the in-flight statuses, the seconds to recovery and the first good reply."""
     results: list = []
-    load = threading.Thread(target=lambda: results.extend(asyncio.run(burst(endpoint, 96, 16, tag="fault"))))
+    load = threading.Thread(
+        target=lambda: results.extend(asyncio.run(burst(endpoint, requests, concurrency, tag=tag)))
+    )
     load.start()
     time.sleep(1.0)  # requests in flight in the pool
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    kill()
     killed = time.monotonic()
     load.join(TIMEOUT_S + 30)
     assert not load.is_alive(), "a request hung"
-
-    statuses = {}
+    statuses: dict[int, int] = {}
     for i, reply in results:
         assert reply is not None, f"request {i} got no answer (timeout or dropped connection)"
         statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
         if reply.status_code != 200:
-            assert reply.status_code in (500, 503), reply.text[:300]
+            assert reply.status_code in failed, reply.text[:300]
             assert_openai_error(reply)
-
     while True:  # answering normally again: a completion from the (new) pool
-        reply = endpoint.post("/v1/chat/completions", json=body, timeout=30)
+        reply = endpoint.post("/v1/chat/completions", json=BODY, timeout=30)
         if reply.status_code == 200:
-            break
+            return statuses, time.monotonic() - killed, reply
+        assert reply.status_code in failed, reply.text[:300]
         assert_openai_error(reply)
         assert time.monotonic() - killed < RECOVERY_LIMIT_S, f"no recovery in {RECOVERY_LIMIT_S:.0f} s"
         time.sleep(0.5)
-    recovery = time.monotonic() - killed
+
+
+def test_killing_a_pool_replica_under_load(endpoint):
+    import ray
+
+    (victim,) = pool_replica_names()
+    assert endpoint.post("/v1/chat/completions", json=BODY).status_code == 200
+    statuses, recovery, reply = kill_under_load(
+        endpoint,
+        lambda: ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True),
+        96,
+        16,
+        "fault",
+        (500, 503),
+    )
     print(f"\nfault: killed {victim}; in-flight statuses {statuses}; answering again after {recovery:.1f} s")
     assert pool_replica_names() and pool_replica_names() != [victim]
     assert reply.json()["usage"]["completion_tokens"] == 2
@@ -84,34 +95,8 @@ def test_killing_the_engine_process_under_load(endpoint):
     (victim,) = pool_replica_names()
     pool = serve.get_deployment_handle(victim.split("#")[1], app_name=APP_NAME)
     pid = pool.info.remote().result()["engine_pid"]
-    body = {
-        "model": "legal",
-        "messages": [{"role": "user", "content": "the licensee shall"}],
-        "max_tokens": 2,
-    }
-    results: list = []
-    load = threading.Thread(target=lambda: results.extend(asyncio.run(burst(endpoint, 64, 8, tag="engine"))))
-    load.start()
-    time.sleep(1.0)
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    load.join(TIMEOUT_S + 30)
-    assert not load.is_alive(), "a request hung"
-    statuses: dict[int, int] = {}
-    for i, reply in results:
-        assert reply is not None, f"request {i} got no answer"
-        statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
-        if reply.status_code != 200:
-            assert reply.status_code == 503, reply.text[:300]
-            assert_openai_error(reply)
-    while True:
-        reply = endpoint.post("/v1/chat/completions", json=body, timeout=30)
-        if reply.status_code == 200:
-            break
-        assert reply.status_code == 503, reply.text[:300]
-        assert time.monotonic() - killed < RECOVERY_LIMIT_S, f"no recovery in {RECOVERY_LIMIT_S:.0f} s"
-        time.sleep(0.5)
-    print(
-        f"\nfault: killed the engine process; statuses {statuses}; answering after {time.monotonic() - killed:.1f} s"
+    statuses, recovery, _ = kill_under_load(
+        endpoint, lambda: os.kill(pid, signal.SIGKILL), 64, 8, "engine", (503,)
     )
+    print(f"\nfault: killed the engine process; statuses {statuses}; answering after {recovery:.1f} s")
     assert pool.info.remote().result()["engine_pid"] != pid
