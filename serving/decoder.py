@@ -4,8 +4,9 @@ Two implementations of one interface (`start_batch`):
 - `FastBatch`, a lean forward of Llama-family models (SmolLM2 is one): the Hugging Face model's
   own weights and math, with what costs time at small batches on a CPU taken out. q/k/v and
   gate/up are one matmul each (fused weights; the HF modules keep views into them, so nothing is
-  stored twice); a single row goes through `torch.mv` (it reads bf16 weights ~1.5x faster than
-  F.linear's single-row path here); the KV cache is preallocated per batch; RoPE comes from a
+  stored twice); a single row goes through `torch.mv` or F.linear, whichever reads this model's
+  weights faster on this CPU (`prefers_mv`, timed once per decoder: the two differ up to ~2.4x
+  either way between CPUs); the KV cache is preallocated per batch; RoPE comes from a
   table; LoRA comes from the pool's `LoraStack`: one adapter for every row -> its own A and B,
   a mix -> one matmul against every adapter's A, a per-row mask, one matmul per module against
   every B. A test holds its logits to peft's `adapter_names` forward.
@@ -18,6 +19,9 @@ tokens only, so a row decodes the same tokens alone or in a batch.
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,16 +32,63 @@ import torch.nn.functional as F
 
 from experts.adapters import ExpertPool, LoraGroup, LoraStack
 
+log = logging.getLogger(__name__)
+
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but a single row on the CPU goes through `torch.mv` (it reads bf16 weights ~1.5x
-    faster than F.linear's single-row path here); mixed dtypes stay with F.linear."""
-    if x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == weight.dtype:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, mv: bool = True
+) -> torch.Tensor:
+    """F.linear, but with mv=True a single row on the CPU goes through `torch.mv`; mixed dtypes
+    stay with F.linear. Which of the two reads a bf16 weight faster depends on the CPU (`prefers_mv`)."""
+    if mv and x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == weight.dtype:
         y = torch.mv(weight, x.reshape(-1))
         return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Attention of q [rows, heads, T, dim] over the cache k, v [rows, kv_heads, S, dim] where
+    `allowed` [rows, 1, T, S]; [rows, heads, T, dim]. One new column per row on the CPU (a decode
+    step) is three plain fp32 ops over the grouped heads: torch's CPU SDPA kernel costs 1.3x (one
+    row, 40 cached columns) to 8x (32 rows, 300 columns) as much there (docs/benchmarks.md)."""
+    rows, heads, steps, dim = q.shape
+    kv_heads = k.shape[1]
+    if steps != 1 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim).float()  # q head h reads kv head h // group
+    scores = torch.matmul(grouped, k.float().transpose(-1, -2)) * dim**-0.5
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.matmul(weights, v.float()).reshape(rows, heads, 1, dim).to(q.dtype)
+
+
+def prefers_mv(weights: Sequence[torch.Tensor], rounds: int = 3) -> bool:
+    """Whether `torch.mv` multiplies one row by these weights faster than F.linear's single-row
+    path, timed here over all of them (a batch-1 token's worth when they are a model's): which one
+    wins depends on the CPU and its BLAS paths. On an Intel Xeon (avx512_bf16, AMX) mv read bf16
+    weights ~1.8x faster; on an AMD EPYC (avx512_bf16) F.linear was ~2.4x faster (docs/benchmarks.md).
+    Rounds alternate the two after one warm-up; medians decide. Off the CPU: False (F.linear)."""
+    if not weights or weights[0].device.type != "cpu":
+        return False
+    rows = {(w.shape[1], w.dtype): torch.randn(w.shape[1]).to(w.dtype) for w in weights}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            for mv in times:
+                t0 = time.perf_counter()
+                for w in weights:
+                    linear(rows[w.shape[1], w.dtype], w, mv=mv)
+                times[mv].append(time.perf_counter() - t0)
+    mv_s, linear_s = (statistics.median(times[mv][1:]) for mv in (True, False))
+    log.info(
+        "single-row matmuls over %d weights: torch.mv %.1f ms, F.linear %.1f ms -> %s",
+        len(weights),
+        1000 * mv_s,
+        1000 * linear_s,
+        "mv" if mv_s < linear_s else "F.linear",
+    )
+    return mv_s < linear_s
 
 
 def _fuse(linears: Sequence[Any]) -> torch.Tensor:
@@ -120,6 +171,9 @@ class Decoder:
             "up_proj": slice(self.intermediate, 2 * self.intermediate),
         }
         self._cos = self._sin = torch.empty(0)
+        # A batch-1 token's weights, to time the two single-row paths on this CPU
+        weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.mv = prefers_mv([*weights, self.lm_head])
 
         self.lora_keys = {
             f"{layer.prefix}.{part}"
@@ -226,32 +280,28 @@ class FastBatch:
         x = F.embedding(ids, d.embed)
         for i, layer in enumerate(d.layers):
             h = F.rms_norm(x, (d.hidden,), layer.ln1, d.eps)
-            qkv = linear(h, layer.qkv)
+            qkv = linear(h, layer.qkv, mv=d.mv)
             self._lora(f"{layer.prefix}.self_attn.qkv", h, qkv, d.slices)
             qk = qkv[..., :qk_width].view(rows, steps, heads + kv_heads, dim)
             qk = qk * cos + qk.view(rows, steps, heads + kv_heads, 2, dim // 2).flip(-2).view_as(qk) * sin
             self.k[i, :, :, start:end] = qk[:, :, heads:].transpose(1, 2)
             self.v[i, :, :, start:end] = qkv[..., qk_width:].view(rows, steps, kv_heads, dim).transpose(1, 2)
-            att = F.scaled_dot_product_attention(
-                qk[:, :, :heads].transpose(1, 2),
-                self.k[i, :, :, :end],
-                self.v[i, :, :, :end],
-                attn_mask=allowed,
-                enable_gqa=True,
+            att = attend(
+                qk[:, :, :heads].transpose(1, 2), self.k[i, :, :, :end], self.v[i, :, :, :end], allowed
             )
             att = att.transpose(1, 2).reshape(rows, steps, heads * dim)
-            o = linear(att, layer.o)
+            o = linear(att, layer.o, mv=d.mv)
             self._lora(f"{layer.prefix}.self_attn.o_proj", att, o, None)
             x = x + o
             h = F.rms_norm(x, (d.hidden,), layer.ln2, d.eps)
-            gate_up = linear(h, layer.gate_up)
+            gate_up = linear(h, layer.gate_up, mv=d.mv)
             self._lora(f"{layer.prefix}.mlp.gate_up", h, gate_up, d.slices)
             act = F.silu(gate_up[..., : d.intermediate]) * gate_up[..., d.intermediate :]
-            down = linear(act, layer.down)
+            down = linear(act, layer.down, mv=d.mv)
             self._lora(f"{layer.prefix}.mlp.down_proj", act, down, None)
             x = x + down
         self.length = end
-        return linear(F.rms_norm(x[:, -1], (d.hidden,), d.norm, d.eps), d.lm_head)
+        return linear(F.rms_norm(x[:, -1], (d.hidden,), d.norm, d.eps), d.lm_head, mv=d.mv)
 
     def prefill(self) -> torch.Tensor:
         with self.pool.lock, torch.inference_mode():

@@ -24,7 +24,7 @@ import torch
 
 from experts.adapters import Expansion, ExpertPool
 from serving.api import RequestError
-from serving.decoder import linear, start_batch
+from serving.decoder import linear, prefers_mv, start_batch
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,16 @@ def _linear_gemv(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
-def use_gemv(model: torch.nn.Module) -> None:
-    """Single-row bf16 linears on CPU through `torch.mv`: F.linear's path for one row reads the
-    weight at ~16 GB/s here, `mv` at ~29 GB/s (batch-1 decoding is all single rows)."""
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_linear_gemv, module)
+def use_gemv(model: torch.nn.Module) -> bool:
+    """Single-row linears on the CPU through `torch.mv` where that reads this model's weights
+    faster than F.linear's single-row path (`serving.decoder.prefers_mv`: it depends on the CPU;
+    batch-1 decoding is all single rows). Returns whether it did."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    if not prefers_mv([m.weight for m in linears]):
+        return False
+    for module in linears:
+        module.forward = types.MethodType(_linear_gemv, module)
+    return True
 
 
 def serving_weights(pool: ExpertPool) -> None:

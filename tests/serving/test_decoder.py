@@ -195,3 +195,22 @@ def test_lora_on_a_module_the_lean_forward_lacks_falls_back(tiny_app, folders, t
     assert pool.stack is not None  # stackable, but FastBatch has no LoRA on lm_head
     ids, mask = left_padded([3, 5])
     assert isinstance(start_batch(pool, ids, mask, ["head", "legal"], 8), HFBatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_attention_equals_sdpa(dtype):
+    from serving.decoder import attend
+
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, columns, dim = 3, 6, 2, 11, 16
+    q = torch.randn(rows, heads, 1, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(rows, kv_heads, columns, dim, generator=gen).to(dtype) for _ in range(2))
+    allowed = torch.rand(rows, 1, 1, columns, generator=gen) > 0.4  # ragged padding
+    allowed[..., -1] = True  # every row sees its own new column
+    got = attend(q, k, v, allowed)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
+    # the mask matters: letting every column through changes the answer
+    assert (attend(q, k, v, torch.ones_like(allowed)) - got).abs().max() > 10 * tol

@@ -133,10 +133,11 @@ def test_stop_string_ends_generation(pool):
     assert cut[0][0] == text[: text.find(stop)] and cut[0][2] == "stop"
 
 
-def test_gemv_linear_matches_f_linear_for_single_bf16_rows():
+def test_single_row_mv_matches_f_linear_for_bf16_rows(monkeypatch):
     import torch
 
-    from serving.engine import use_gemv
+    import serving.engine as engine
+    from serving.decoder import linear
 
     torch.manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32, bias=False)).to(
@@ -145,13 +146,44 @@ def test_gemv_linear_matches_f_linear_for_single_bf16_rows():
     with torch.inference_mode():
         for shape in [(1, 1, 64), (3, 1, 64), (1, 5, 64)]:
             x = torch.randn(shape, dtype=torch.bfloat16)
-            expected = layers(x)
-            use_gemv(layers)
-            got = layers(x)
-            for m in layers:
-                del m.forward
+            expected = torch.nn.functional.linear(x, layers[0].weight, layers[0].bias)
+            got = linear(x, layers[0].weight, layers[0].bias, mv=True)
             assert got.shape == expected.shape
             torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        # use_gemv routes the modules through it only where mv is the faster path here
+        x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+        expected = layers(x)
+        for faster in (False, True):
+            monkeypatch.setattr(engine, "prefers_mv", lambda weights, faster=faster: faster)
+            assert engine.use_gemv(layers) is faster
+            assert all(("forward" in m.__dict__) is faster for m in layers)
+            torch.testing.assert_close(layers(x).float(), expected.float(), rtol=2e-2, atol=2e-2)
+            for m in layers:
+                m.__dict__.pop("forward", None)
+
+
+def test_prefers_mv_picks_the_faster_single_row_path(monkeypatch):
+    import time
+
+    import torch
+
+    import serving.decoder as decoder
+
+    weights = [torch.randn(64, 32, dtype=torch.bfloat16) for _ in range(3)]
+    mv, f_linear = torch.mv, torch.nn.functional.linear
+
+    def slow(fn):
+        def wrapped(*args, **kwargs):
+            time.sleep(0.002)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(decoder.torch, "mv", slow(mv))
+    assert decoder.prefers_mv(weights) is False
+    monkeypatch.setattr(decoder.torch, "mv", mv)
+    monkeypatch.setattr(decoder.F, "linear", slow(f_linear))
+    assert decoder.prefers_mv(weights) is True
 
 
 def test_a_failing_request_fails_alone(pool, tiny_app, tmp_path):
