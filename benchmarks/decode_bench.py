@@ -35,6 +35,7 @@ import serving.decoder as decoder  # noqa: E402
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.config import compose  # noqa: E402
 from serving.engine import GenerationRequest, SamplingParams, decode, generate, serving_weights  # noqa: E402
+from serving.packed import PackedLinear  # noqa: E402
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
@@ -142,12 +143,18 @@ def main() -> None:
     pool = ExpertPool.load(app, device="cpu", strict=False)  # every expert with a trained adapter
     if not pool.adapters:
         raise SystemExit("no trained adapters in artifacts/experts/: run `moe train expert=...` first")
-    serving_weights(pool)
+    serving_weights(pool, app.serve.pool.base_weights)
+    fast = decoder.decoder_for(pool)
     result: dict[str, Any] = {
         "base_model": app.base_model.name,
         "experts": list(pool.adapters),
         "dtype": str(pool.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "base_weights": app.serve.pool.base_weights,
+        "layers_packed": fast.layers[0].qkv.kind
+        if fast and isinstance(fast.layers[0].qkv, PackedLinear)
+        else None,
+        "single_row_mv": fast.mv if fast else None,
         "torch": torch.__version__,
         "prompt_tokens": PROMPT_TOKENS,
         "new_tokens": NEW_TOKENS,
@@ -155,6 +162,7 @@ def main() -> None:
         "loadavg_at_start": os.getloadavg(),
     }
     result["throughput"] = throughput(pool, args.rounds)
+    print(f"base weights {result['base_weights']}: layers {result['layers_packed'] or 'plain'}", flush=True)
     for b, r in result["throughput"].items():
         print(f"batch {b}: {r['tok_s']} tok/s (samples {r['samples']})", flush=True)
     result["batch1_per_token"] = breakdown(pool, args.rounds)

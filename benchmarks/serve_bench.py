@@ -287,15 +287,17 @@ def memory(app: AppConfig, names: list[str], dtype: Any) -> dict[str, Any]:
     """Bytes the pool holds as it serves: base weights at the serving dtype, the LoRA stack in fp32
     (peft's LoRA parameters are views into it), each storage counted once."""
     from serving.engine import serving_weights
+    from serving.packed import layout, packed_groups
 
     pool = ExpertPool.load(app, names, device="cpu")
     assert pool.dtype == dtype, (pool.dtype, dtype)
-    serving_weights(pool)
+    serving_weights(pool, app.serve.pool.base_weights)
     stacked = [t for g in (pool.stack.groups.values() if pool.stack else ()) for t in (g.a, g.scale, *g.b)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in stacked}
     for p in pool.model.parameters():
         storages.setdefault(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
-    return {"pool_bytes": sum(storages.values())}
+    packed = sum(g.nbytes() for g in packed_groups(pool.model))  # base weights in a kernel's layout
+    return {"pool_bytes": sum(storages.values()) + packed, "base_layout": layout(pool.model)}
 
 
 def bandwidth(weight_bytes: int, repeats: int = 5) -> dict[str, Any]:

@@ -119,20 +119,21 @@ class ExpertPoolDeployment:
         self.engine: Any = None
         self.pool: Any = None
         if res.engine == "process":
-            self.engine = EngineProcess(app, names, res.torch_threads)
+            self.engine = EngineProcess(app, names, res)
         else:
-            self.pool = load_pool(app, names, res.torch_threads)
+            self.pool = load_pool(app, names, res)
             self.versions = loaded_versions(self.pool)
         self.stream_interval_s = app.serve.stream_interval_s
         self._decode_batch.set_max_batch_size(app.serve.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(app.serve.batch_wait_timeout_s)
         info = self.info()
         log.info(
-            "expert pool ready (%s engine): %s on %s (%s)",
+            "expert pool ready (%s engine): %s on %s (%s, base weights %s)",
             res.engine,
             info["experts"],
             info["device"],
             info["dtype"],
+            info["base_weights"],
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

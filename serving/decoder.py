@@ -20,10 +20,8 @@ tokens only, so a row decodes the same tokens alone or in a batch.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.adapters import ExpertPool, LoraGroup, LoraStack
+from serving.packed import PackedLinear, fastest, packed_group
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,14 @@ _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position 
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, mv: bool = True
+    x: torch.Tensor, weight: torch.Tensor | PackedLinear, bias: torch.Tensor | None = None, mv: bool = True
 ) -> torch.Tensor:
     """F.linear, but with mv=True a single row on the CPU goes through `torch.mv`; mixed dtypes
-    stay with F.linear. Which of the two reads a bf16 weight faster depends on the CPU (`prefers_mv`)."""
+    stay with F.linear. Which of the two reads a bf16 weight faster depends on the CPU (`prefers_mv`).
+    Packed weights (`serving.packed`) go through their own kernel."""
+    if isinstance(weight, PackedLinear):
+        y = weight(x)
+        return y if bias is None else y + bias
     if mv and x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == weight.dtype:
         y = torch.mv(weight, x.reshape(-1))
         return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
@@ -68,32 +71,26 @@ def prefers_mv(weights: Sequence[torch.Tensor], rounds: int = 3) -> bool:
     path, timed here over all of them (a batch-1 token's worth when they are a model's): which one
     wins depends on the CPU and its BLAS paths. On an Intel Xeon (avx512_bf16, AMX) mv read bf16
     weights ~1.8x faster; on an AMD EPYC (avx512_bf16) F.linear was ~2.4x faster (docs/benchmarks.md).
-    Rounds alternate the two after one warm-up; medians decide. Off the CPU: False (F.linear)."""
+    Off the CPU: False (F.linear)."""
     if not weights or weights[0].device.type != "cpu":
         return False
     rows = {(w.shape[1], w.dtype): torch.randn(w.shape[1]).to(w.dtype) for w in weights}
-    times: dict[bool, list[float]] = {True: [], False: []}
-    with torch.inference_mode():
-        for _ in range(rounds + 1):
-            for mv in times:
-                t0 = time.perf_counter()
-                for w in weights:
-                    linear(rows[w.shape[1], w.dtype], w, mv=mv)
-                times[mv].append(time.perf_counter() - t0)
-    mv_s, linear_s = (statistics.median(times[mv][1:]) for mv in (True, False))
-    log.info(
-        "single-row matmuls over %d weights: torch.mv %.1f ms, F.linear %.1f ms -> %s",
-        len(weights),
-        1000 * mv_s,
-        1000 * linear_s,
-        "mv" if mv_s < linear_s else "F.linear",
-    )
-    return mv_s < linear_s
+
+    def run(mv: bool) -> Callable[[], object]:
+        return lambda: [linear(rows[w.shape[1], w.dtype], w, mv=mv) for w in weights]
+
+    return fastest({"mv": run(True), "linear": run(False)}, rounds) == "mv"
 
 
-def _fuse(linears: Sequence[Any]) -> torch.Tensor:
-    """One weight for linears that read the same input; the modules are left holding views of it."""
+def _fuse(linears: Sequence[Any]) -> torch.Tensor | PackedLinear:
+    """One weight for linears that read the same input: the group they were packed as
+    (`serving.packed`), else one tensor, and the modules are left holding views of it."""
+    group = packed_group(linears)
+    if group is not None:
+        return group
     bases = [getattr(m, "base_layer", m) for m in linears]
+    if len(bases) == 1:
+        return bases[0].weight
     fused = torch.cat([b.weight.detach() for b in bases])
     at = 0
     for b in bases:
@@ -123,10 +120,10 @@ def fast_path_problem(model: Any) -> str | None:
 class _Layer:
     ln1: torch.Tensor
     ln2: torch.Tensor
-    qkv: torch.Tensor  # fused [q + 2 kv, hidden]
-    o: torch.Tensor
-    gate_up: torch.Tensor  # fused [2 intermediate, hidden]
-    down: torch.Tensor
+    qkv: torch.Tensor | PackedLinear  # fused [q + 2 kv, hidden]
+    o: torch.Tensor | PackedLinear
+    gate_up: torch.Tensor | PackedLinear  # fused [2 intermediate, hidden]
+    down: torch.Tensor | PackedLinear
     prefix: str  # "model.layers.<i>": the LoRA groups' keys start with it
 
 
@@ -156,9 +153,9 @@ class Decoder:
                         layer.input_layernorm.weight,
                         layer.post_attention_layernorm.weight,
                         _fuse([att.q_proj, att.k_proj, att.v_proj]),
-                        getattr(att.o_proj, "base_layer", att.o_proj).weight,
+                        _fuse([att.o_proj]),
                         _fuse([mlp.gate_proj, mlp.up_proj]),
-                        getattr(mlp.down_proj, "base_layer", mlp.down_proj).weight,
+                        _fuse([mlp.down_proj]),
                         f"model.layers.{i}",
                     )
                 )
@@ -173,7 +170,7 @@ class Decoder:
         self._cos = self._sin = torch.empty(0)
         # A batch-1 token's weights, to time the two single-row paths on this CPU
         weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        self.mv = prefers_mv([*weights, self.lm_head])
+        self.mv = prefers_mv([w for w in (*weights, self.lm_head) if isinstance(w, torch.Tensor)])
 
         self.lora_keys = {
             f"{layer.prefix}.{part}"
@@ -183,12 +180,13 @@ class Decoder:
 
     def current(self) -> bool:
         """False once the HF model's weights were replaced (e.g. cast): the decoder must be rebuilt."""
-        q = self.model.model.layers[0].self_attn.q_proj
-        weight = getattr(q, "base_layer", q).weight
-        return (
-            weight.data_ptr() == self.layers[0].qkv.data_ptr()
-            and self.embed is self.model.model.embed_tokens.weight
-        )
+        att = self.model.model.layers[0].self_attn
+        qkv, group = self.layers[0].qkv, packed_group([att.q_proj, att.k_proj, att.v_proj])
+        if group is not None or isinstance(qkv, PackedLinear):
+            same = group is qkv
+        else:
+            same = getattr(att.q_proj, "base_layer", att.q_proj).weight.data_ptr() == qkv.data_ptr()
+        return same and self.embed is self.model.model.embed_tokens.weight
 
     def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, head_dim] for positions 0..length-1 (sin with rotate_half's sign folded in)."""

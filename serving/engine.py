@@ -25,6 +25,7 @@ import torch
 from experts.adapters import Expansion, ExpertPool
 from serving.api import RequestError
 from serving.decoder import linear, prefers_mv, start_batch
+from serving.packed import onednn_is_faster, pack_model
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,25 @@ def use_gemv(model: torch.nn.Module) -> bool:
     return True
 
 
-def serving_weights(pool: ExpertPool) -> None:
+def serving_weights(pool: ExpertPool, base_weights: str = "auto") -> None:
     """Base weights in the pool's compute dtype: decoding reads every weight once per step, so half
     the bytes in bf16 (autocast alone would keep fp32 weights and cast them at every step). The
-    LoRA stack stays fp32: it is small, and small fp32 matmuls are the fast ones on a CPU."""
+    LoRA stack stays fp32: it is small, and small fp32 matmuls are the fast ones on a CPU.
+
+    base_weights, for a bf16 pool on the CPU (`serving.packed`): "onednn" holds the decoder layers'
+    linears in oneDNN's blocked bf16 layout (the same values), "int4" at 4 bits where that is
+    lossless (a base converted from a 4-bit GGUF, as the default is), "plain" as bf16 tensors;
+    "auto" packs with oneDNN where one row through it is faster than through plain weights here."""
     if pool.dtype == torch.float32:
         return
     with pool.lock:
+        if pool.device == "cpu" and pool.dtype == torch.bfloat16:
+            if base_weights == "auto":
+                base_weights = "onednn" if onednn_is_faster(pool.model) else "plain"
+            if base_weights in ("onednn", "int4"):  # from the fp32 values, before the cast
+                pack_model(pool.model, base_weights)
+        elif base_weights in ("onednn", "int4"):
+            log.warning("base_weights=%s needs a bf16 pool on the CPU: kept plain", base_weights)
         for name, param in pool.model.named_parameters():
             if "lora_" not in name and param.dtype != pool.dtype:
                 param.data = param.data.to(pool.dtype)

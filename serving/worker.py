@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from experts.errors import ArtifactError, ConfigError, DataError, MoeError, UnknownExpertError
-from experts.schema import AppConfig, build
+from experts.schema import AppConfig, ResourceSpec, build
 from serving.api import OverloadedError, RequestError, UnavailableError
 from serving.engine import Delta, GenerationRequest
 
@@ -130,11 +130,11 @@ def _recv(conn: Connection) -> list[Any]:
 class EngineProcess:
     """A running engine process: `decode` batches on it, `info` about its pool, `close` it."""
 
-    def __init__(self, app: AppConfig, names: Sequence[str], torch_threads: int):
+    def __init__(self, app: AppConfig, names: Sequence[str], res: ResourceSpec):
         parent, child = socket.socketpair()
         root = str(Path(__file__).resolve().parents[1])  # this project, wherever the replica's cwd is
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads), "PYTHONPATH": path}
+        env = {**os.environ, "OMP_NUM_THREADS": str(res.torch_threads), "PYTHONPATH": path}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serving.worker", str(child.fileno())],
             pass_fds=(child.fileno(),),
@@ -148,7 +148,7 @@ class EngineProcess:
         self._lock = threading.Lock()
         self.error: str | None = None
         self._closing = False
-        self._send("init", dataclasses.asdict(app), list(names), torch_threads)
+        self._send("init", dataclasses.asdict(app), list(names), dataclasses.asdict(res))
         kind, payload = self._wait_ready()
         if kind != "ready":
             self.close()
@@ -255,24 +255,27 @@ class EngineProcess:
 # The engine process
 # --------------------------------------------------------------------------------------------
 def pool_info(pool: Any) -> dict[str, Any]:
+    from serving.packed import layout
+
     return {
         "experts": list(pool.adapters),
         "failed": dict(pool.failed),
         "device": pool.device,
         "dtype": str(pool.dtype).removeprefix("torch."),
+        "base_weights": layout(pool.model),
     }
 
 
-def load_pool(app: Any, names: Sequence[str], torch_threads: int) -> Any:
-    """The serving pool: threads set, base weights in the compute dtype."""
+def load_pool(app: Any, names: Sequence[str], res: ResourceSpec) -> Any:
+    """The serving pool: threads set, base weights in the compute dtype and `res.base_weights`."""
     import torch
 
     from experts.adapters import ExpertPool
     from serving.engine import serving_weights
 
-    torch.set_num_threads(torch_threads)  # replicas share cores; oversubscribed threads fight
+    torch.set_num_threads(res.torch_threads)  # replicas share cores; oversubscribed threads fight
     pool = ExpertPool.load(app, list(names), strict=False)
-    serving_weights(pool)  # adapters loaded later wrap these same base weights
+    serving_weights(pool, res.base_weights)  # adapters loaded later wrap these same base weights
     return pool
 
 
@@ -280,10 +283,10 @@ def serve_forever(conn: Connection) -> None:
     """The engine loop: read batches, step each held batch in turn, send every step back."""
     from serving.engine import loaded_versions, open_batch
 
-    kind, fields, names, threads = _recv(conn)
+    kind, fields, names, resources = _recv(conn)
     assert kind == "init", kind
     try:
-        pool = load_pool(build(AppConfig, fields), names, threads)
+        pool = load_pool(build(AppConfig, fields), names, build(ResourceSpec, resources))
     except Exception as exc:  # reported to the replica, which fails to start with it
         log.exception("could not load the expert pool")
         _send(conn, "failed", f"{type(exc).__name__}: {exc}")

@@ -129,6 +129,8 @@ def test_bf16_serving_keeps_the_lora_fp32_and_stacked(tiny_app, folders, tmp_pat
     pool.add("late", tmp_path / "late")  # added while serving: after the cast
     assert pool.stack is not None
     stacked = {t.untyped_storage().data_ptr() for g in pool.stack.groups.values() for t in (g.a, *g.b)}
+    layers = pool.model.config.num_hidden_layers  # every LoRA A and B kept: legal q, v; late q, o, up
+    assert sum("lora_" in name for name, _ in pool.model.named_parameters()) == 2 * (2 + 3) * layers
     for name, param in pool.model.named_parameters():
         if "lora_" in name:  # peft computes with views into the fp32 stack: one copy, full precision
             assert param.dtype == torch.float32 and param.untyped_storage().data_ptr() in stacked, name

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from experts.errors import ArtifactError, UnknownExpertError
+from experts.schema import ResourceSpec
 from serving.api import RequestError
 from serving.engine import Delta, GenerationRequest, SamplingParams, generate, results
 from serving.worker import (
@@ -31,6 +32,7 @@ from serving.worker import (
 from tests.serving.conftest import SERVED, serve_config
 
 GREEDY = SamplingParams(max_tokens=8)
+ONE_THREAD = ResourceSpec(torch_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +42,14 @@ def app(serve_artifacts):
 
 @pytest.fixture(scope="module")
 def engine(app):
-    engine = EngineProcess(app, list(SERVED), 1)
+    engine = EngineProcess(app, list(SERVED), ONE_THREAD)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
 def local_pool(app):
-    return load_pool(app, list(SERVED), 1)  # the same config, in this process: the reference
+    return load_pool(app, list(SERVED), ONE_THREAD)  # the same config, in this process: the reference
 
 
 def ids(pool, text: str) -> tuple[int, ...]:
@@ -100,7 +102,7 @@ def test_a_refused_request_comes_back_as_its_own_error(engine, local_pool):
 
 
 def test_a_dead_engine_fails_its_requests_and_its_health(app, local_pool):
-    engine = EngineProcess(app, list(SERVED), 1)
+    engine = EngineProcess(app, list(SERVED), ONE_THREAD)
     long = GenerationRequest(
         ids(local_pool, "gene"), {"biomedical": 1.0}, SamplingParams(500, ignore_eos=True)
     )
@@ -122,7 +124,7 @@ def test_a_dead_engine_fails_its_requests_and_its_health(app, local_pool):
 
 
 def test_the_engine_exits_when_its_replica_goes_away(app):
-    engine = EngineProcess(app, list(SERVED), 1)
+    engine = EngineProcess(app, list(SERVED), ONE_THREAD)
     # What the kernel does when the replica process dies: the socket ends for every holder.
     # (Closing only this fd would not: the reader thread's pending recv keeps the socket open.)
     with socket.socket(fileno=os.dup(engine.conn.fileno())) as end:
@@ -139,7 +141,7 @@ def test_a_pool_that_cannot_load_fails_the_start_with_why(app, tmp_path):
     )
     broken = dataclasses.replace(broken, base_model=dataclasses.replace(broken.base_model, source="local"))
     with pytest.raises(EngineError, match="could not load the expert pool"):
-        EngineProcess(broken, list(SERVED), 1)
+        EngineProcess(broken, list(SERVED), ONE_THREAD)
 
 
 @pytest.mark.serve

@@ -1,0 +1,215 @@
+"""Base weights in a CPU kernel's own layout, for serving: oneDNN's blocked bf16, or 4 bits.
+
+Decoding reads every base weight once per step, so how fast a kernel reads them sets batch-1
+speed. Two packed formats replace the plain bf16 weights of the decoder layers' linears (each
+format holds the weights once; the plain copies are freed):
+
+- "onednn": the same bf16 values in oneDNN's blocked layout (`torch.ops.mkldnn._linear_pointwise`,
+  as torch.compile's CPU backend uses them): bit-for-bit F.linear's results, and on an AMD EPYC
+  1.3x faster than F.linear at 1 to 32 rows (docs/benchmarks.md). Lossless for any model.
+- "int4": torch's 4-bit weight-only matmul (`_weight_int4pack_mm_for_cpu`), one scale and zero per
+  group of 32 inputs. The default base ships as a Q4_1 GGUF, so its layers already are `d * q + m`
+  per block of 32 (q in 0..15) and packing them loses nothing but the bf16 rounding of d and m
+  (perplexity within 0.2% of bf16). A quarter of the bytes: 3.5x faster than bf16 at one row, but
+  the kernel's cost grows with the rows (as fast at 8, 2x slower at 32), so it suits batch-1
+  latency, not throughput. `pack` refuses weights that are not on such a grid.
+
+The linears that read one input (a layer's q/k/v, its gate/up) are packed as one (`PackedLinear`),
+so the lean decoder runs them in one matmul; each Hugging Face module gets a forward that runs its
+group and keeps its own rows (the fallback path; nothing is stored twice). A packed module's
+`weight` is no parameter but the group's packed tensor (also its `qweight`, as peft names quantized
+weights), which only says where the weights are: anything that computes with it fails loudly (an
+opaque oneDNN tensor, or uint8), rather than silently with wrong numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["onednn", "int4"]
+GROUP = 32  # int4: inputs per scale and zero (Q4_1's block)
+# Linears of one parent that read the same input: packed and multiplied as one, in this order
+SIBLINGS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+_ORDER = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLinear:
+    """One or more bias-free linears' weights [out, in], packed as one."""
+
+    kind: Kind
+    weight: torch.Tensor  # onednn: opaque bf16 [out, in]; int4: [out, in / 2] uint8
+    scales: torch.Tensor | None  # int4: [in / GROUP, out, 2] bf16 (scale, zero), contiguous
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in bf16 (what a bf16 linear under autocast returns)."""
+        x = x.to(torch.bfloat16)
+        if self.kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.weight.numel() * self.weight.element_size() + scales
+
+
+def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """w [out, in] fp32 as (packed, scales), or None when its values are not, per group of GROUP
+    inputs, the group's min plus 0..15 equal steps (to float rounding)."""
+    rows, features = w.shape
+    g = w.view(rows, features // GROUP, GROUP)
+    low, high = g.amin(-1), g.amax(-1)
+    step = (high - low) / 15
+    q = torch.round((g - low[..., None]) / torch.where(step > 0, step, 1)[..., None]).clamp(0, 15)
+    if (q * step[..., None] + low[..., None] - g).abs().amax() > 1e-5 * float(g.abs().amax()):
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(rows, features), 8)
+    # the kernel computes (q - 8) * scale + zero
+    return packed, torch.stack([step.t(), (low + 8 * step).t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def pack(weights: Sequence[torch.Tensor], kind: str) -> PackedLinear | None:
+    """Weights [out_i, in] of linears that read one input, packed as one; None where `kind`
+    cannot hold them (int4: rows not a multiple of 16, inputs not of GROUP, or not on a 4-bit grid)."""
+    rows, features = sum(int(w.shape[0]) for w in weights), int(weights[0].shape[1])
+    w = torch.cat([w.detach().float() for w in weights])
+    if kind == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), None)
+        return PackedLinear("onednn", packed, None, features, rows)
+    if kind != "int4":
+        raise ValueError(f"unknown packed format {kind!r} (onednn or int4)")
+    if rows % 16 or features % GROUP:
+        return None
+    int4 = _int4(w)
+    return None if int4 is None else PackedLinear("int4", int4[0], int4[1], features, rows)
+
+
+def sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
+    """The decoder layers' bias-free linears (inside peft's wrappers too), siblings together
+    in their order; the embeddings and the LM head are not in any."""
+    groups: dict[str, dict[str, torch.nn.Linear]] = {}
+    for path, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or ".layers." not in f".{path}" or module.bias is not None:
+            continue
+        if "weight" not in module._parameters:  # packed already
+            continue
+        if any(part.startswith("lora_") or part == "modules_to_save" for part in path.split(".")):
+            continue  # an adapter's own linears (the LoRA stack holds them, fp32)
+        parent, _, leaf = path.rpartition(".")
+        if leaf == "base_layer":  # inside peft's wrapper, which bears the module's name
+            parent, _, leaf = parent.rpartition(".")
+        groups.setdefault(f"{parent}.{SIBLINGS.get(leaf, leaf)}", {})[leaf] = module
+    return [
+        [members[m] for m in sorted(members, key=lambda m: _ORDER.index(m) if m in _ORDER else 0)]
+        for members in groups.values()
+    ]
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    group, rows = self.__dict__["packed"]
+    return group(x)[..., rows]
+
+
+def install(linears: Sequence[torch.nn.Linear], group: PackedLinear) -> None:
+    """Make these modules (group's rows, in order) compute from `group` and drop their own weights."""
+    at = 0
+    for m in linears:
+        rows = slice(at, at + m.out_features)
+        at = rows.stop
+        del m.weight  # the parameter; what is left in its place only says where the weights are:
+        vars(m).update(weight=group.weight, qweight=group.weight)  # peft reads their device (and type)
+        vars(m).update(packed=(group, rows), forward=types.MethodType(_forward, m))
+
+
+def pack_model(model: Any, kind: str) -> int:
+    """Pack every sibling group of the decoder layers that `kind` can hold; the linears packed."""
+    count = 0
+    with torch.no_grad():
+        for linears in sibling_groups(model):
+            group = pack([m.weight for m in linears], kind)
+            if group is not None:
+                install(linears, group)
+                count += len(linears)
+    log.info("base weights: %d linears packed (%s)", count, kind)
+    return count
+
+
+def fastest(candidates: dict[str, Callable[[], object]], rounds: int = 3) -> str:
+    """The name of the quickest of these calls, timed here: rounds alternate them after a
+    warm-up round, the median decides (the machine may be busy)."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            for name, call in candidates.items():
+                t0 = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(t[1:]) for name, t in times.items()}
+    log.info("timed: %s", ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in medians.items()))
+    return min(medians, key=medians.__getitem__)
+
+
+def onednn_is_faster(model: Any) -> bool:
+    """Whether one row through oneDNN-packed copies of the decoder layers' weights beats both
+    plain single-row paths (`torch.mv`, F.linear) over the same weights, timed here: which wins
+    depends on the CPU. The copies are dropped."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    with torch.no_grad():
+        fused = [torch.cat([m.weight.detach() for m in g]).to(torch.bfloat16) for g in sibling_groups(model)]
+    if not fused:
+        return False
+    packed = [pack([w], "onednn") for w in fused]
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]).to(torch.bfloat16) for w in fused}
+    candidates: dict[str, Callable[[], object]] = {
+        "onednn": lambda: [p(rows[p.in_features]) for p in packed if p is not None],
+        "mv": lambda: [torch.mv(w, rows[w.shape[1]][0]) for w in fused],
+        "linear": lambda: [F.linear(rows[w.shape[1]], w) for w in fused],
+    }
+    return fastest(candidates) == "onednn"
+
+
+def packed_group(modules: Sequence[Any]) -> PackedLinear | None:
+    """The group these (HF or peft-wrapped) modules were packed as, all of it in this order; else None."""
+    found = [vars(getattr(m, "base_layer", m)).get("packed") for m in modules]
+    info: list[tuple[PackedLinear, slice]] = [i for i in found if i is not None]
+    if not info or len(info) < len(found):
+        return None
+    group = info[0][0]
+    at = 0
+    for g, rows in info:
+        if g is not group or rows.start != at:
+            return None
+        at = rows.stop
+    return group if at == group.out_features else None
+
+
+def packed_groups(model: Any) -> list[PackedLinear]:
+    """Every group the model's linears were packed as (each once)."""
+    found: dict[int, PackedLinear] = {}
+    for module in model.modules():
+        info = module.__dict__.get("packed")  # not through peft's wrappers, which forward attributes
+        if info is not None:
+            found.setdefault(id(info[0]), info[0])
+    return list(found.values())
+
+
+def layout(model: Any) -> str:
+    """How the model's decoder layers hold their base weights: "onednn", "int4" or "plain"."""
+    kinds = sorted({g.kind for g in packed_groups(model)})
+    return "+".join(kinds) if kinds else "plain"
