@@ -80,7 +80,11 @@ def use_gemv(model: torch.nn.Module) -> bool:
     """Single-row linears on the CPU through `torch.mv` where that reads this model's weights
     faster than F.linear's single-row path (`serving.decoder.prefers_mv`: it depends on the CPU;
     batch-1 decoding is all single rows). Returns whether it did."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    linears = [  # the base model's (an adapter's own LoRA linears are small, and fp32)
+        m
+        for path, m in model.named_modules()
+        if type(m) is torch.nn.Linear and "forward" not in m.__dict__ and ".lora_" not in f".{path}"
+    ]
     if not prefers_mv([m.weight for m in linears]):
         return False
     for module in linears:
