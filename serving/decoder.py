@@ -19,7 +19,6 @@ tokens only, so a row decodes the same tokens alone or in a batch.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ import torch.nn.functional as F
 
 from experts.adapters import ExpertPool, LoraGroup, LoraStack
 from serving.packed import PackedLinear, fastest, packed_group
-
-log = logging.getLogger(__name__)
 
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
 
