@@ -107,8 +107,11 @@ def serving_weights(pool: ExpertPool, base_weights: str = "auto") -> None:
         if pool.device == "cpu" and pool.dtype == torch.bfloat16:
             if base_weights == "auto":
                 base_weights = "onednn" if onednn_is_faster(pool.model) else "plain"
-            if base_weights in ("onednn", "int4"):  # from the fp32 values, before the cast
-                pack_model(pool.model, base_weights)
+            packed = pack_model(pool.model, base_weights) if base_weights != "plain" else 0  # from fp32
+            if base_weights == "int4" and not packed:
+                log.warning(
+                    "base_weights=int4: no layer's weights are on a 4-bit grid (not a 4-bit GGUF?): kept plain"
+                )
         elif base_weights in ("onednn", "int4"):
             log.warning("base_weights=%s needs a bf16 pool on the CPU: kept plain", base_weights)
         for name, param in pool.model.named_parameters():

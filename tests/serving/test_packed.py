@@ -103,7 +103,7 @@ def test_a_packed_pool_decodes_like_plain_bf16(tiny_app, adapters, tmp_path, fmt
         torch.testing.assert_close(got, expected, rtol=0, atol=(0.01 if fmt == "onednn" else 0.03) * scale)
 
 
-def test_auto_packs_with_onednn_only_where_it_is_faster(tiny_app, adapters, monkeypatch):
+def test_auto_packs_with_onednn_only_where_it_is_faster(tiny_app, adapters, monkeypatch, caplog):
     for faster, expected in ((True, "onednn"), (False, "plain")):
         monkeypatch.setattr(engine, "onednn_is_faster", lambda model, faster=faster: faster)
         assert layout(grid_pool(tiny_app, adapters, "auto").model) == expected
@@ -111,3 +111,4 @@ def test_auto_packs_with_onednn_only_where_it_is_faster(tiny_app, adapters, monk
     pool = ExpertPool.load(tiny_app, names=[], device="cpu", precision="bf16")
     serving_weights(pool, "int4")
     assert layout(pool.model) == "plain"
+    assert "no layer's weights are on a 4-bit grid" in caplog.text
