@@ -31,11 +31,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from decode_bench import NEW_TOKENS, requests  # noqa: E402  (benchmarks/ is on sys.path)
+from serve_bench import pool_bytes  # noqa: E402
 
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.config import compose  # noqa: E402
 from serving.engine import generate, serving_weights  # noqa: E402
-from serving.packed import layout, packed_groups  # noqa: E402
+from serving.packed import layout  # noqa: E402
 
 BATCHES = (1, 8, 32)
 TEXTS = ("/usr/share/common-licenses/GPL-3", "README.md")
@@ -45,16 +46,6 @@ def pool_for(app: Any, fmt: str) -> ExpertPool:
     pool = ExpertPool.load(app, device="cpu", precision="bf16", strict=False)
     serving_weights(pool, fmt)
     return pool
-
-
-def served_bytes(pool: ExpertPool) -> int:
-    """Bytes of the base model as served: its parameters (the LoRA excluded) and packed groups,
-    each storage once."""
-    seen: dict[int, int] = {}
-    for name, p in pool.model.named_parameters():
-        if "lora_" not in name:
-            seen.setdefault(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
-    return sum(seen.values()) + sum(g.nbytes() for g in packed_groups(pool.model))
 
 
 def quality(pool: ExpertPool, ids: torch.Tensor, window: int = 512) -> tuple[float, torch.Tensor]:
@@ -131,7 +122,7 @@ def main() -> None:
             "tok_s": {str(b): round(statistics.median(v), 1) for b, v in speed[f].items()},
             "samples": {str(b): [round(x, 1) for x in v] for b, v in speed[f].items()},
             "prefill_s": round(statistics.median(prefill[f]), 3),
-            "base_mib": round(served_bytes(pools[f]) / 2**20, 1),
+            "base_mib": round(pool_bytes(pools[f], lora=False) / 2**20, 1),
             "perplexity": round(scored[f][0], 3),
             "greedy_differs": round(float((scored[f][1] != reference).float().mean()), 4),
         }

@@ -283,21 +283,29 @@ def bench_routing(url: str, expert: str, repeats: int) -> dict[str, Any]:
     return {"auto_ms": auto, "forced_ms": forced, "overhead_ms": round(auto - forced, 1), "route_ms": route}
 
 
+def pool_bytes(pool: ExpertPool, lora: bool = True) -> int:
+    """Bytes the pool holds as it serves, each storage counted once: its parameters (peft's LoRA
+    parameters are views into the fp32 LoRA stack, counted with it; lora=False: the base model
+    alone) and its base weights packed in a kernel's layout (`serving.packed`)."""
+    from serving.packed import packed_groups
+
+    stack = pool.stack.groups.values() if lora and pool.stack else ()
+    tensors = [t for g in stack for t in (g.a, g.scale, *g.b)]
+    tensors += [p for name, p in pool.model.named_parameters() if lora or "lora_" not in name]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) + sum(g.nbytes() for g in packed_groups(pool.model))
+
+
 def memory(app: AppConfig, names: list[str], dtype: Any) -> dict[str, Any]:
-    """Bytes the pool holds as it serves: base weights at the serving dtype, the LoRA stack in fp32
-    (peft's LoRA parameters are views into it), each storage counted once."""
+    """Bytes the pool of these experts holds as it serves (`pool_bytes`), base weights at the
+    serving dtype and layout."""
     from serving.engine import serving_weights
-    from serving.packed import layout, packed_groups
+    from serving.packed import layout
 
     pool = ExpertPool.load(app, names, device="cpu")
     assert pool.dtype == dtype, (pool.dtype, dtype)
     serving_weights(pool, app.serve.pool.base_weights)
-    stacked = [t for g in (pool.stack.groups.values() if pool.stack else ()) for t in (g.a, g.scale, *g.b)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in stacked}
-    for p in pool.model.parameters():
-        storages.setdefault(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
-    packed = sum(g.nbytes() for g in packed_groups(pool.model))  # base weights in a kernel's layout
-    return {"pool_bytes": sum(storages.values()) + packed, "base_layout": layout(pool.model)}
+    return {"pool_bytes": pool_bytes(pool), "base_layout": layout(pool.model)}
 
 
 def bandwidth(weight_bytes: int, repeats: int = 5) -> dict[str, Any]:

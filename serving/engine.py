@@ -25,7 +25,7 @@ import torch
 from experts.adapters import Expansion, ExpertPool
 from serving.api import RequestError
 from serving.decoder import linear, prefers_mv, start_batch
-from serving.packed import onednn_is_faster, pack_model
+from serving.packed import is_adapter_module, pack_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def use_gemv(model: torch.nn.Module) -> bool:
     linears = [  # the base model's (an adapter's own LoRA linears are small, and fp32)
         m
         for path, m in model.named_modules()
-        if type(m) is torch.nn.Linear and "forward" not in m.__dict__ and ".lora_" not in f".{path}"
+        if type(m) is torch.nn.Linear and "forward" not in m.__dict__ and not is_adapter_module(path)
     ]
     if not prefers_mv([m.weight for m in linears]):
         return False
@@ -105,8 +105,6 @@ def serving_weights(pool: ExpertPool, base_weights: str = "auto") -> None:
         return
     with pool.lock:
         if pool.device == "cpu" and pool.dtype == torch.bfloat16:
-            if base_weights == "auto":
-                base_weights = "onednn" if onednn_is_faster(pool.model) else "plain"
             packed = pack_model(pool.model, base_weights) if base_weights != "plain" else 0  # from fp32
             if base_weights == "int4" and not packed:
                 log.warning(

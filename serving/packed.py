@@ -99,6 +99,11 @@ def pack(weights: Sequence[torch.Tensor], kind: str) -> PackedLinear | None:
     return None if int4 is None else PackedLinear("int4", int4[0], int4[1], features, rows)
 
 
+def is_adapter_module(path: str) -> bool:
+    """Whether the module at this path is one of an adapter's own (peft's lora_A/B, modules_to_save)."""
+    return any(part.startswith("lora_") or part == "modules_to_save" for part in path.split("."))
+
+
 def sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
     """The decoder layers' bias-free linears (inside peft's wrappers too), siblings together
     in their order; the embeddings and the LM head are not in any."""
@@ -108,8 +113,8 @@ def sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
             continue
         if "weight" not in module._parameters:  # packed already
             continue
-        if any(part.startswith("lora_") or part == "modules_to_save" for part in path.split(".")):
-            continue  # an adapter's own linears (the LoRA stack holds them, fp32)
+        if is_adapter_module(path):
+            continue  # the LoRA stack holds them, fp32
         parent, _, leaf = path.rpartition(".")
         if leaf == "base_layer":  # inside peft's wrapper, which bears the module's name
             parent, _, leaf = parent.rpartition(".")
@@ -137,15 +142,22 @@ def install(linears: Sequence[torch.nn.Linear], group: PackedLinear) -> None:
 
 
 def pack_model(model: Any, kind: str) -> int:
-    """Pack every sibling group of the decoder layers that `kind` can hold; the linears packed."""
-    count = 0
+    """Pack every sibling group of the decoder layers that `kind` can hold; the linears packed.
+    "auto": oneDNN, installed only where one row through the packed groups beats both plain paths
+    here (`onednn_is_faster`); the groups are packed once, for the timing and for serving."""
+    groups = sibling_groups(model)
+    if kind == "auto" and not (groups and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return 0
     with torch.no_grad():
-        for linears in sibling_groups(model):
-            group = pack([m.weight for m in linears], kind)
-            if group is not None:
-                install(linears, group)
-                count += len(linears)
-    log.info("base weights: %d linears packed (%s)", count, kind)
+        packs = [pack([m.weight for m in g], "onednn" if kind == "auto" else kind) for g in groups]
+    if kind == "auto" and not onednn_is_faster(groups, packs):
+        return 0
+    count = 0
+    for linears, group in zip(groups, packs, strict=True):
+        if group is not None:
+            install(linears, group)
+            count += len(linears)
+    log.info("base weights: %d linears packed (%s)", count, "onednn" if kind == "auto" else kind)
     return count
 
 
@@ -164,20 +176,17 @@ def fastest(candidates: dict[str, Callable[[], object]], rounds: int = 3) -> str
     return min(medians, key=medians.__getitem__)
 
 
-def onednn_is_faster(model: Any) -> bool:
-    """Whether one row through oneDNN-packed copies of the decoder layers' weights beats both
-    plain single-row paths (`torch.mv`, F.linear) over the same weights, timed here: which wins
-    depends on the CPU. The copies are dropped."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
+def onednn_is_faster(
+    groups: Sequence[Sequence[torch.nn.Linear]], packs: Sequence[PackedLinear | None]
+) -> bool:
+    """Whether one row through these oneDNN-packed groups beats both plain single-row paths
+    (`torch.mv`, F.linear) over bf16 copies of the same weights (dropped after), timed here:
+    which wins depends on the CPU."""
     with torch.no_grad():
-        fused = [torch.cat([m.weight.detach() for m in g]).to(torch.bfloat16) for g in sibling_groups(model)]
-    if not fused:
-        return False
-    packed = [pack([w], "onednn") for w in fused]
+        fused = [torch.cat([m.weight.detach() for m in g]).to(torch.bfloat16) for g in groups]
     rows = {w.shape[1]: torch.randn(1, w.shape[1]).to(torch.bfloat16) for w in fused}
     candidates: dict[str, Callable[[], object]] = {
-        "onednn": lambda: [p(rows[p.in_features]) for p in packed if p is not None],
+        "onednn": lambda: [p(rows[p.in_features]) for p in packs if p is not None],
         "mv": lambda: [torch.mv(w, rows[w.shape[1]][0]) for w in fused],
         "linear": lambda: [F.linear(rows[w.shape[1]], w) for w in fused],
     }

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import serving.engine as engine
+import serving.packed as packed_module
 from experts.adapters import ExpertPool
 from serving.decoder import FastBatch, HFBatch, start_batch
 from serving.engine import serving_weights
@@ -105,7 +105,7 @@ def test_a_packed_pool_decodes_like_plain_bf16(tiny_app, adapters, tmp_path, fmt
 
 def test_auto_packs_with_onednn_only_where_it_is_faster(tiny_app, adapters, monkeypatch, caplog):
     for faster, expected in ((True, "onednn"), (False, "plain")):
-        monkeypatch.setattr(engine, "onednn_is_faster", lambda model, faster=faster: faster)
+        monkeypatch.setattr(packed_module, "onednn_is_faster", lambda groups, packs, faster=faster: faster)
         assert layout(grid_pool(tiny_app, adapters, "auto").model) == expected
     # int4 asked of weights off the grid packs nothing: the model would change
     pool = ExpertPool.load(tiny_app, names=[], device="cpu", precision="bf16")
