@@ -161,13 +161,21 @@ class LoraGroup:
         own = slots.to(self.a.device)[:, None] == torch.arange(self.a.shape[0], device=self.a.device)
         return own.to(self.scale.dtype)[:, :, None] * self.scale
 
-    def apply_one(self, x: torch.Tensor, outputs: Sequence[torch.Tensor], slot: int) -> None:
-        """Every row uses adapter `slot`: add each member's LoRA of x [rows, T, in] to its output."""
-        h = F.linear(x.to(self.a.dtype), self.a[slot]) * self.scale[slot]
+    def for_one(
+        self, slot: int, spans: Sequence[slice] | None, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter `slot` alone, for rows that all use it, as (A [R, in] with the scaling folded
+        in, B [width, R]): B writes each member's span (`spans`, in member order; None: the whole
+        output) of an output `width` wide and zero elsewhere, so the group's LoRA of x is
+        x A^T B^T, two matmuls whatever its members (one adapter's copy: small, made per batch)."""
+        a = self.a[slot] * self.scale[slot][:, None]
+        b = torch.zeros(width, a.shape[0], dtype=a.dtype, device=a.device)
         at = 0
-        for rank, b, out in zip(self.ranks, self.b, outputs, strict=True):
-            out.add_(F.linear(h[..., at : at + rank], b[:, slot * rank : (slot + 1) * rank]))
+        for i, (rank, stacked) in enumerate(zip(self.ranks, self.b, strict=True)):
+            rows = spans[i] if spans is not None else slice(None)
+            b[rows, at : at + rank] = stacked[:, slot * rank : (slot + 1) * rank]
             at += rank
+        return a, b
 
     def apply_mixed(self, x: torch.Tensor, outputs: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
         """Rows with different adapters (`mask` from `mask(slots)`): one matmul against every

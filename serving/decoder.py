@@ -7,9 +7,11 @@ Two implementations of one interface (`start_batch`):
   stored twice); a single row goes through `torch.mv` or F.linear, whichever reads this model's
   weights faster on this CPU (`prefers_mv`, timed once per decoder: the two differ up to ~2.4x
   either way between CPUs); the KV cache is preallocated per batch; RoPE comes from a
-  table; LoRA comes from the pool's `LoraStack`: one adapter for every row -> its own A and B,
-  a mix -> one matmul against every adapter's A, a per-row mask, one matmul per module against
-  every B. A test holds its logits to peft's `adapter_names` forward.
+  table; a decode step's attention runs in fp32 over an fp32 cache (small batches) with its mask
+  made once for every layer; LoRA comes from the pool's `LoraStack`: one adapter for every row ->
+  two matmuls per group (`LoraGroup.for_one`, made once per batch), a mix -> one matmul against
+  every adapter's A, a per-row mask, one matmul per module against every B. A test holds its
+  logits to peft's `adapter_names` forward.
 - `HFBatch`: the Hugging Face model through peft (`ExpertPool.forward`, a DynamicCache), for every
   other architecture or adapter kind (DoRA, LoRA on embeddings).
 
@@ -31,6 +33,8 @@ from experts.adapters import ExpertPool, LoraGroup, LoraStack
 from serving.packed import PackedLinear, fastest, packed_group
 
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
+FP32_CACHE_ROWS = 8  # batches of at most this many rows keep their KV cache in fp32 on a CPU
+_LORA_PARTS = ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_up", "mlp.down_proj")
 
 
 def linear(
@@ -50,17 +54,28 @@ def linear(
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Attention of q [rows, heads, T, dim] over the cache k, v [rows, kv_heads, S, dim] where
-    `allowed` [rows, 1, T, S]; [rows, heads, T, dim]. One new column per row on the CPU (a decode
-    step) is three plain fp32 ops over the grouped heads: torch's CPU SDPA kernel costs 1.3x (one
-    row, 40 cached columns) to 8x (32 rows, 300 columns) as much there (docs/benchmarks.md)."""
+    `allowed` [rows, 1, T, S] (bool); [rows, heads, T, dim]. One new column per row on the CPU (a
+    decode step) is three fp32 ops over the grouped heads: torch's CPU SDPA kernel costs 1.3x (one
+    row, 40 cached columns) to 8x (32 rows, 300 columns) as much there (docs/benchmarks.md). There
+    `allowed` may instead be `decode_bias(allowed, kv_heads)`, computed once for every layer."""
     rows, heads, steps, dim = q.shape
     kv_heads = k.shape[1]
     if steps != 1 or q.device.type != "cpu":
+        k, v = k.to(q.dtype), v.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
-    grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim).float()  # q head h reads kv head h // group
-    scores = torch.matmul(grouped, k.float().transpose(-1, -2)) * dim**-0.5
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.matmul(weights, v.float()).reshape(rows, heads, 1, dim).to(q.dtype)
+    bias = decode_bias(allowed, kv_heads) if allowed.dtype == torch.bool else allowed
+    grouped = q.reshape(rows * kv_heads, heads // kv_heads, dim).float()  # q head h reads kv head h // group
+    keys, values = (t.reshape(rows * kv_heads, -1, dim).float() for t in (k, v))  # views of an fp32 cache
+    scores = torch.baddbmm(bias, grouped, keys.transpose(1, 2), alpha=dim**-0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, heads, 1, dim).to(q.dtype)
+
+
+def decode_bias(allowed: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A decode step's mask `allowed` [rows, 1, 1, S] as `attend`'s additive fp32 bias
+    [rows * kv_heads, 1, S]: 0 where allowed, -inf elsewhere."""
+    rows, columns = allowed.shape[0], allowed.shape[-1]
+    bias = torch.zeros(rows, 1, columns, device=allowed.device)
+    return bias.masked_fill_(~allowed.view(rows, 1, columns), float("-inf")).repeat_interleave(kv_heads, 0)
 
 
 def prefers_mv(weights: Sequence[torch.Tensor], rounds: int = 3) -> bool:
@@ -121,7 +136,7 @@ class _Layer:
     o: torch.Tensor | PackedLinear
     gate_up: torch.Tensor | PackedLinear  # fused [2 intermediate, hidden]
     down: torch.Tensor | PackedLinear
-    prefix: str  # "model.layers.<i>": the LoRA groups' keys start with it
+    lora: tuple[str, str, str, str]  # the LoRA groups' keys of qkv, o, gate_up, down
 
 
 class Decoder:
@@ -153,7 +168,7 @@ class Decoder:
                         _fuse([att.o_proj]),
                         _fuse([mlp.gate_proj, mlp.up_proj]),
                         _fuse([mlp.down_proj]),
-                        f"model.layers.{i}",
+                        tuple(f"model.layers.{i}.{part}" for part in _LORA_PARTS),
                     )
                 )
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -169,11 +184,7 @@ class Decoder:
         weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.mv = prefers_mv([w for w in (*weights, self.lm_head) if isinstance(w, torch.Tensor)])
 
-        self.lora_keys = {
-            f"{layer.prefix}.{part}"
-            for layer in self.layers
-            for part in ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_up", "mlp.down_proj")
-        }
+        self.lora_keys = {key for layer in self.layers for key in layer.lora}
 
     def current(self) -> bool:
         """False once the HF model's weights were replaced (e.g. cast): the decoder must be rebuilt."""
@@ -184,6 +195,14 @@ class Decoder:
         else:
             same = getattr(att.q_proj, "base_layer", att.q_proj).weight.data_ptr() == qkv.data_ptr()
         return same and self.embed is self.model.model.embed_tokens.weight
+
+    def cache_dtype(self, rows: int) -> torch.dtype:
+        """The KV cache's dtype for a batch of `rows`. The decode attention computes in fp32 on a
+        CPU (`attend`): an fp32 cache spares it converting every cached column of every layer at
+        every step (the same values: bf16 fits in fp32), which counts at batch 1. Up to
+        FP32_CACHE_ROWS rows only: the cache of a big batch would double, for no measured gain."""
+        cpu = self.embed.device.type == "cpu"
+        return torch.float32 if cpu and rows <= FP32_CACHE_ROWS else self.dtype
 
     def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, head_dim] for positions 0..length-1 (sin with rotate_half's sign folded in)."""
@@ -234,8 +253,8 @@ class FastBatch:
             self.valid[:, :width] = mask.to(device).bool()
             self.positions = (self.valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
             shape = (len(decoder.layers), rows, decoder.kv_heads, capacity, decoder.head_dim)
-            self.k = torch.empty(shape, dtype=decoder.dtype, device=device)
-            self.v = torch.empty(shape, dtype=decoder.dtype, device=device)
+            self.k = torch.empty(shape, dtype=decoder.cache_dtype(rows), device=device)
+            self.v = torch.empty(shape, dtype=decoder.cache_dtype(rows), device=device)
         self.length = 0  # columns of the cache filled
         self._adapters(stack.slots(adapters))
 
@@ -243,6 +262,7 @@ class FastBatch:
         self.slots = slots
         self.one = slots[0] if len(set(slots)) == 1 else None  # every row the same adapter (or none)
         self.masks: dict[str, torch.Tensor] = {}  # per LoRA group, for a batch of mixed adapters
+        self.ones: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per LoRA group, for `one`
 
     def _lora(
         self, key: str, x: torch.Tensor, out: torch.Tensor, member_slices: dict[str, slice] | None
@@ -250,10 +270,15 @@ class FastBatch:
         group: LoraGroup | None = self.stack.groups.get(key)
         if group is None or self.one == -1:
             return
-        outputs = [out[..., member_slices[m]] if member_slices else out for m in group.members]
-        if self.one is not None:
-            group.apply_one(x, outputs, self.one)
+        if self.one is not None:  # two matmuls and one add, whatever the group's members
+            one = self.ones.get(key)
+            if one is None:
+                spans = [member_slices[m] for m in group.members] if member_slices else None
+                one = self.ones[key] = group.for_one(self.one, spans, out.shape[-1])
+            a, b = one
+            out.add_(F.linear(F.linear(x.to(a.dtype), a), b))
             return
+        outputs = [out[..., member_slices[m]] if member_slices else out for m in group.members]
         if key not in self.masks:
             self.masks[key] = group.mask(torch.tensor(self.slots))
         group.apply_mixed(x, outputs, self.masks[key])
@@ -270,13 +295,15 @@ class FastBatch:
             query = torch.arange(start, end, device=ids.device)[:, None]
             key = torch.arange(end, device=ids.device)[None]
             allowed = (allowed & (key <= query)) | (key == query)
+        elif ids.device.type == "cpu":
+            allowed = decode_bias(allowed, d.kv_heads)  # once for every layer
         heads, kv_heads, dim = d.heads, d.kv_heads, d.head_dim
         qk_width = (heads + kv_heads) * dim
         x = F.embedding(ids, d.embed)
         for i, layer in enumerate(d.layers):
             h = F.rms_norm(x, (d.hidden,), layer.ln1, d.eps)
             qkv = linear(h, layer.qkv, mv=d.mv)
-            self._lora(f"{layer.prefix}.self_attn.qkv", h, qkv, d.slices)
+            self._lora(layer.lora[0], h, qkv, d.slices)
             qk = qkv[..., :qk_width].view(rows, steps, heads + kv_heads, dim)
             qk = qk * cos + qk.view(rows, steps, heads + kv_heads, 2, dim // 2).flip(-2).view_as(qk) * sin
             self.k[i, :, :, start:end] = qk[:, :, heads:].transpose(1, 2)
@@ -286,14 +313,14 @@ class FastBatch:
             )
             att = att.transpose(1, 2).reshape(rows, steps, heads * dim)
             o = linear(att, layer.o, mv=d.mv)
-            self._lora(f"{layer.prefix}.self_attn.o_proj", att, o, None)
+            self._lora(layer.lora[1], att, o, None)
             x = x + o
             h = F.rms_norm(x, (d.hidden,), layer.ln2, d.eps)
             gate_up = linear(h, layer.gate_up, mv=d.mv)
-            self._lora(f"{layer.prefix}.mlp.gate_up", h, gate_up, d.slices)
+            self._lora(layer.lora[2], h, gate_up, d.slices)
             act = F.silu(gate_up[..., : d.intermediate]) * gate_up[..., d.intermediate :]
             down = linear(act, layer.down, mv=d.mv)
-            self._lora(f"{layer.prefix}.mlp.down_proj", act, down, None)
+            self._lora(layer.lora[3], act, down, None)
             x = x + down
         self.length = end
         return linear(F.rms_norm(x[:, -1], (d.hidden,), d.norm, d.eps), d.lm_head, mv=d.mv)

@@ -153,6 +153,30 @@ def test_bf16_serving_keeps_the_lora_fp32_and_stacked(tiny_app, folders, tmp_pat
         rows = torch.tensor([0])
 
 
+def test_bf16_batches_decode_the_same_with_either_cache_dtype(tiny_app, folders, monkeypatch):
+    import serving.decoder as decoder
+
+    pool = load_pool(tiny_app, folders, precision="bf16")
+    serving_weights(pool)
+    lengths = [4, 7, 5, 2, 6, 3, 7, 5, 4, 6]  # more rows than keep an fp32 cache
+    ids, mask = left_padded(lengths)
+    adapters = ["legal", "biomedical", "__base__", "python_docs", "legal"] * 2
+
+    def decode(fp32_rows: int) -> tuple[torch.dtype, list[torch.Tensor]]:
+        monkeypatch.setattr(decoder, "FP32_CACHE_ROWS", fp32_rows)
+        batch = start_batch(pool, ids, mask, adapters, 12)
+        assert isinstance(batch, FastBatch)
+        logits = [batch.prefill()]
+        for _ in range(3):
+            logits.append(batch.step(logits[-1].argmax(-1, keepdim=True)))
+        return batch.k.dtype, logits
+
+    (small, got), (big, want) = decode(len(lengths)), decode(len(lengths) - 1)
+    assert (small, big) == (torch.float32, torch.bfloat16)
+    for a, b in zip(got, want, strict=True):  # bf16 values held in fp32: the very same numbers
+        assert torch.equal(a, b)
+
+
 def test_a_replaced_adapter_is_restacked(tiny_app, folders, tmp_path):
     pool = load_pool(tiny_app, folders)
     ids, mask = left_padded([5, 3])
@@ -201,7 +225,7 @@ def test_lora_on_a_module_the_lean_forward_lacks_falls_back(tiny_app, folders, t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_attention_equals_sdpa(dtype):
-    from serving.decoder import attend
+    from serving.decoder import attend, decode_bias
 
     gen = torch.Generator().manual_seed(0)
     rows, heads, kv_heads, columns, dim = 3, 6, 2, 11, 16
@@ -216,3 +240,5 @@ def test_decode_step_attention_equals_sdpa(dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
     # the mask matters: letting every column through changes the answer
     assert (attend(q, k, v, torch.ones_like(allowed)) - got).abs().max() > 10 * tol
+    # what the decoder passes: the bias made once per step, and an fp32 cache for bf16 queries
+    assert torch.equal(attend(q, k.float(), v.float(), decode_bias(allowed, kv_heads)), got)
