@@ -387,6 +387,9 @@ class ServeSpec:
     max_tokens_limit: int = 512  # largest max_tokens a request may ask for
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.02
+    # Batches a pool replica decodes at once (the engine interleaves their steps): a request that
+    # arrives while a batch decodes starts at once instead of waiting for that batch to end.
+    max_concurrent_batches: int = 4
     # A stream's chunks at most this often (its first token at once): fewer, larger chunks cost
     # the pool, the ingress and the proxy less per token. 0: a chunk per token.
     stream_interval_s: float = 0.25
@@ -401,6 +404,7 @@ class ServeSpec:
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, f"serve.port {self.port} is not a port")
         _check(self.max_batch_size >= 1, "serve.max_batch_size must be >= 1")
+        _check(self.max_concurrent_batches >= 1, "serve.max_concurrent_batches must be >= 1")
         _check(self.stream_interval_s >= 0, f"serve.stream_interval_s {self.stream_interval_s} must be >= 0")
 
 

@@ -124,8 +124,13 @@ class ExpertPoolDeployment:
             self.pool = load_pool(app, names, res)
             self.versions = loaded_versions(self.pool)
         self.stream_interval_s = app.serve.stream_interval_s
-        self._decode_batch.set_max_batch_size(app.serve.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(app.serve.batch_wait_timeout_s)
+        # Ray Serve's batcher runs one batch at a time unless told otherwise (a request arriving
+        # mid-batch would wait for all of it); the engine interleaves the steps of those it holds.
+        self._decode_batch = serve.batch(
+            max_batch_size=app.serve.max_batch_size,
+            batch_wait_timeout_s=app.serve.batch_wait_timeout_s,
+            max_concurrent_batches=app.serve.max_concurrent_batches,
+        )(self._decode)
         info = self.info()
         log.info(
             "expert pool ready (%s engine): %s on %s (%s, base weights %s)",
@@ -148,9 +153,9 @@ class ExpertPoolDeployment:
         async for message in paced(self._decode_batch(request), interval):
             yield message
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _decode_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        """Decode the batch; each step yields one Delta per request (StopIteration once it ended).
+    async def _decode(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
+        """What `self._decode_batch` runs for each batch of requests: decode them; each step
+        yields one Delta per request (StopIteration once it ended).
         A request that fails (its adapter does not load, its input is refused) gets a Delta with
         its error; the others decode on."""
         async for step in self._steps(requests):

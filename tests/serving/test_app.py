@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
+import time
 
 import httpx
 import openai
@@ -24,7 +26,7 @@ def url(serve_artifacts):
         serve_artifacts,
         f"serve.port={PORT}",
         "serve.max_prompt_tokens=128",
-        "serve.max_tokens_limit=32",
+        "serve.max_tokens_limit=1000",
         "serve.pool.num_cpus=0.5",
         "serve.pool.torch_threads=1",
         "serve.ingress.num_cpus=0.1",
@@ -168,9 +170,9 @@ def test_too_long_prompt_is_400(client):
 def test_max_tokens_over_the_limit_is_400(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
-            model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=999
+            model="legal", messages=[{"role": "user", "content": "hi"}], max_tokens=1001
         )
-    assert err.value.body["param"] == "max_tokens" and "limit of 32" in err.value.body["message"]
+    assert err.value.body["param"] == "max_tokens" and "limit of 1000" in err.value.body["message"]
 
 
 @pytest.mark.parametrize(
@@ -188,6 +190,30 @@ def test_malformed_bodies_are_400_in_openai_shape(url, content, param):
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_a_request_arriving_mid_batch_does_not_wait_for_that_batch(client):
+    """serve.max_concurrent_batches (4 here): Ray Serve's batcher alone runs one batch at a time,
+    so a short request sent while a long one decodes would get its answer only after that batch
+    ended; the engine interleaves the two batches' steps instead."""
+    long = client.completions.create(
+        model="legal",
+        prompt="the court",
+        max_tokens=1000,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(long)
+    next(chunks)  # the long request is decoding
+    ended: list[float] = []
+    reader = threading.Thread(target=lambda: (list(chunks), ended.append(time.monotonic())))
+    reader.start()
+    short = client.completions.create(model="biomedical", prompt="dose", max_tokens=2, temperature=0)
+    answered = time.monotonic()
+    reader.join(60)
+    assert short.usage.completion_tokens == 2 and ended
+    assert answered < ended[0], "the short request waited for the long batch to end"
 
 
 def test_32_concurrent_requests_all_answer(client):
