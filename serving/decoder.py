@@ -344,6 +344,30 @@ class FastBatch:
             self.valid, self.positions = self.valid[rows], self.positions[rows]
             self._adapters([self.slots[r] for r in rows.tolist()])
 
+    def merge(self, other: FastBatch) -> None:
+        """Take `other`'s rows in, after this batch's (same decoder and stack): from the next step
+        on one forward pass serves both. The shorter cache's columns end where the longer's do,
+        its missing ones masked out (attention reads the set of allowed columns; each row keeps
+        its own positions), with room for the longer of the two remainders."""
+        length = max(self.length, other.length)
+        capacity = length + max(b.k.shape[3] - b.length for b in (self, other))
+        layers, mine, kv_heads, _, dim = self.k.shape
+        rows = mine + other.k.shape[1]
+        shape = (layers, rows, kv_heads, capacity, dim)
+        dtype = self.d.cache_dtype(rows)
+        with torch.inference_mode():
+            k, v = (torch.zeros(shape, dtype=dtype, device=self.k.device) for _ in range(2))
+            valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.valid.device)
+            for b, at in ((self, slice(0, mine)), (other, slice(mine, rows))):
+                cols = slice(length - b.length, length)
+                k[:, at, :, cols] = b.k[:, :, :, : b.length]
+                v[:, at, :, cols] = b.v[:, :, :, : b.length]
+                valid[at, cols] = b.valid[:, : b.length]
+            self.k, self.v, self.valid = k, v, valid
+            self.positions = torch.cat([self.positions[:, -1:], other.positions[:, -1:]])
+        self.length = length
+        self._adapters(self.slots + other.slots)
+
 
 class HFBatch:
     """One decode batch through the Hugging Face model and peft (`ExpertPool.forward`)."""

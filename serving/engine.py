@@ -24,7 +24,7 @@ import torch
 
 from experts.adapters import Expansion, ExpertPool
 from serving.api import RequestError
-from serving.decoder import linear, prefers_mv, start_batch
+from serving.decoder import FastBatch, HFBatch, linear, prefers_mv, start_batch
 from serving.packed import is_adapter_module, pack_model
 
 log = logging.getLogger(__name__)
@@ -272,86 +272,168 @@ def open_batch(
     return decode(pool, requests, load_adapters(pool, requests, versions))
 
 
+class Decoding:
+    """One batch decoding, a step at a time (`decode` is its iterator). `absorb` takes another
+    running batch's requests in, so that both decode in one forward pass per step from then on
+    (iteration-level batching: the engine process merges a batch that arrives into a running one).
+
+    Failures are per request: a request in `failed`, one `check_request` refuses, or one whose next
+    token cannot be sampled gets a Delta with finish_reason "error" and its exception, and the
+    others decode on. (A failing forward pass fails the batch: it is shared.) fast=False decodes
+    through the Hugging Face model and peft even where the lean decoder could.
+    """
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        requests: Sequence[GenerationRequest],
+        failed: Mapping[int, Exception] | None = None,
+        fast: bool = True,
+    ):
+        self.pool, self.fast = pool, fast
+        self.requests = list(requests)
+        self.errors: dict[int, Exception] = dict(failed or {})
+        for i, r in enumerate(self.requests):
+            if i not in self.errors:
+                try:
+                    check_request(pool, r)
+                except Exception as exc:  # this request only
+                    self.errors[i] = exc
+        self.active = [i for i in range(len(self.requests)) if i not in self.errors]  # in row order
+        self.texts = [_Text(pool.tokenizer, r.params.stop) for r in self.requests]
+        self.seen = [list(r.prompt_ids) if r.params.repetition_penalty != 1.0 else [] for r in self.requests]
+        self.tokens: list[int] = []  # each active request's next input token
+        self.batch: FastBatch | HFBatch | None = None  # after the first step
+        self.exp = Expansion.of([dict(self.requests[i].experts) for i in self.active])
+        self.done = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.exp.owner)
+
+    def step(self) -> list[Delta | None] | None:
+        """The next step: one entry per request (`None` once it finished); None once all did."""
+        if self.done:
+            return None
+        step: list[Delta | None] = [None] * len(self.requests)
+        if self.batch is None:  # the first step: refusals, the prefill and the first token
+            for i, error in self.errors.items():
+                step[i] = Delta("", 0, "error", error)
+            if not self.active:
+                self.done = True
+                return step if step else None
+            logp = self._prefill()
+        else:
+            with torch.inference_mode():
+                tokens = self.exp.expand(torch.tensor(self.tokens).view(-1, 1))
+                logp = self.exp.mix(self.batch.step(tokens))
+        self._sample(logp, step)
+        return step
+
+    def _prefill(self) -> torch.Tensor:
+        live = [self.requests[i] for i in self.active]
+        eos = _eos_ids(self.pool)
+        pad = self.pool.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(eos)
+        width = max(len(r.prompt_ids) for r in live)
+        with torch.inference_mode():
+            ids = torch.full((len(live), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(live), width), dtype=torch.long)
+            for row, r in enumerate(live):
+                ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+                mask[row, width - len(r.prompt_ids) :] = 1
+            capacity = width + max(r.params.max_tokens for r in live)
+            exp = self.exp
+            self.batch = start_batch(
+                self.pool, exp.expand(ids), exp.expand(mask), exp.adapters, capacity, self.fast
+            )
+            return exp.mix(self.batch.prefill())
+
+    def _sample(self, logp: torch.Tensor, step: list[Delta | None]) -> None:
+        """Each active request's next token into `step`; the finished ones leave the batch."""
+        eos = _eos_ids(self.pool)
+        with torch.inference_mode():
+            picks = _sample(
+                logp, [self.requests[i].params for i in self.active], [self.seen[i] for i in self.active]
+            )
+        keep: list[int] = []  # positions in `active` that go on
+        self.tokens = [0] * len(self.active)
+        for j, (i, pick) in enumerate(zip(self.active, picks, strict=True)):
+            try:
+                if isinstance(pick, Exception):
+                    raise pick
+                params = self.requests[i].params
+                is_eos = pick in eos and not params.ignore_eos
+                generated = len(self.texts[i].tokens) + (0 if is_eos else 1)
+                at_limit = generated >= params.max_tokens
+                new, stopped = self.texts[i].push(None if is_eos else pick, final=is_eos or at_limit)
+            except Exception as exc:  # this request ends with its error; the batch goes on
+                step[i] = Delta("", len(self.texts[i].tokens), "error", exc)
+                continue
+            finish = "stop" if (is_eos or stopped) else ("length" if at_limit else None)
+            step[i] = Delta(new, len(self.texts[i].tokens), finish)
+            if finish is None:
+                keep.append(j)
+                self.tokens[j] = pick
+                if params.repetition_penalty != 1.0:
+                    self.seen[i].append(pick)
+        self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only the active requests at these positions decode on (their rows stay in the cache)."""
+        if not keep:
+            self.active, self.tokens, self.done = [], [], True
+            return
+        if len(keep) < len(self.active):
+            assert self.batch is not None
+            with torch.inference_mode():
+                self.batch.select(
+                    torch.tensor([r for r, owner in enumerate(self.exp.owner) if owner in keep])
+                )
+            self.active = [self.active[j] for j in keep]
+            self.tokens = [self.tokens[j] for j in keep]
+            self.exp = Expansion.of([dict(self.requests[i].experts) for i in self.active])
+
+    def drop(self, requests: Iterable[int]) -> None:
+        """These requests stop here (their client went away); the others decode on."""
+        gone = set(requests)
+        self._keep([j for j, i in enumerate(self.active) if i not in gone])
+
+    def absorb(self, other: Decoding) -> bool:
+        """Take in `other`'s unfinished requests, after this batch's, when both have started on
+        the lean decoder with the same adapter stack: each step then decodes both in one forward
+        pass, `other`'s requests at entries len(requests)-before.. of this batch's steps, and
+        `other` is left finished. False (nothing changes) when that cannot be done."""
+        mine, theirs = self.batch, other.batch
+        if self.done or other.done or not isinstance(mine, FastBatch) or not isinstance(theirs, FastBatch):
+            return False
+        if mine.stack is not theirs.stack or mine.d is not theirs.d:
+            return False  # an adapter was loaded in between: the slots differ
+        offset = len(self.requests)
+        with torch.inference_mode():
+            mine.merge(theirs)
+        self.requests += other.requests
+        self.texts += other.texts
+        self.seen += other.seen
+        self.active += [offset + i for i in other.active]
+        self.tokens += other.tokens
+        self.exp = Expansion.of([dict(self.requests[i].experts) for i in self.active])
+        other.done, other.active, other.batch = True, [], None
+        return True
+
+
 def decode(
     pool: ExpertPool,
     requests: Sequence[GenerationRequest],
     failed: Mapping[int, Exception] | None = None,
     fast: bool = True,
 ) -> Iterator[list[Delta | None]]:
-    """Decode a batch step by step; each step yields one entry per request, `None` once it finished.
-
-    Failures are per request: a request in `failed`, one `check_request` refuses, or one whose next
-    token cannot be sampled gets a Delta with finish_reason "error" and its exception, and the
-    others decode on. (A failing forward pass fails the batch: it is shared.) fast=False decodes
-    through the Hugging Face model and peft even where the lean decoder could.
-    The caller must keep pulling until the iterator ends (it owns no other resources).
-    """
-    n = len(requests)
-    errors: dict[int, Exception] = dict(failed or {})
-    for i, r in enumerate(requests):
-        if i not in errors:
-            try:
-                check_request(pool, r)
-            except Exception as exc:  # this request only
-                errors[i] = exc
-    active = [i for i in range(n) if i not in errors]  # request indices still decoding, in row order
-    step: list[Delta | None] = [None] * n
-    for i, error in errors.items():
-        step[i] = Delta("", 0, "error", error)
-    if not active:
-        if n:
-            yield step
-        return
-    live = [requests[i] for i in active]
-    exp = Expansion.of([dict(r.experts) for r in live])
-    eos = _eos_ids(pool)
-    pad = pool.tokenizer.pad_token_id if pool.tokenizer.pad_token_id is not None else min(eos)
-    width = max(len(r.prompt_ids) for r in live)
-    with torch.inference_mode():
-        ids = torch.full((len(live), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(live), width), dtype=torch.long)
-        for row, r in enumerate(live):
-            ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[row, width - len(r.prompt_ids) :] = 1
-        capacity = width + max(r.params.max_tokens for r in live)
-        batch = start_batch(pool, exp.expand(ids), exp.expand(mask), exp.adapters, capacity, fast)
-        logp = exp.mix(batch.prefill())
-    texts = [_Text(pool.tokenizer, r.params.stop) for r in requests]
-    seen = [list(r.prompt_ids) if r.params.repetition_penalty != 1.0 else [] for r in requests]
-    while True:
-        with torch.inference_mode():
-            picks = _sample(logp, [requests[i].params for i in active], [seen[i] for i in active])
-        keep: list[int] = []  # positions in `active` that go on
-        tokens: list[int] = []
-        for j, (i, pick) in enumerate(zip(active, picks, strict=True)):
-            try:
-                if isinstance(pick, Exception):
-                    raise pick
-                params = requests[i].params
-                is_eos = pick in eos and not params.ignore_eos
-                generated = len(texts[i].tokens) + (0 if is_eos else 1)
-                at_limit = generated >= params.max_tokens
-                new, stopped = texts[i].push(None if is_eos else pick, final=is_eos or at_limit)
-            except Exception as exc:  # this request ends with its error; the batch goes on
-                step[i] = Delta("", len(texts[i].tokens), "error", exc)
-                continue
-            finish = "stop" if (is_eos or stopped) else ("length" if at_limit else None)
-            step[i] = Delta(new, len(texts[i].tokens), finish)
-            if finish is None:
-                keep.append(j)
-                tokens.append(pick)
-                if params.repetition_penalty != 1.0:
-                    seen[i].append(pick)
+    """Decode a batch step by step (`Decoding`); each step yields one entry per request, `None`
+    once it finished. The caller must keep pulling until the iterator ends (it owns no other
+    resources)."""
+    decoding = Decoding(pool, requests, failed, fast)
+    while (step := decoding.step()) is not None:
         yield step
-        if not keep:
-            return
-        step = [None] * n
-        with torch.inference_mode():
-            if len(keep) < len(active):  # drop finished requests' rows from the batch and the cache
-                batch.select(torch.tensor([r for r, owner in enumerate(exp.owner) if owner in keep]))
-                active = [active[j] for j in keep]
-                exp = Expansion.of([dict(requests[i].experts) for i in active])
-            logp = exp.mix(batch.step(exp.expand(torch.tensor(tokens).view(-1, 1))))
 
 
 def generate(

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -279,49 +279,103 @@ def load_pool(app: Any, names: Sequence[str], res: ResourceSpec) -> Any:
     return pool
 
 
+@dataclasses.dataclass
+class _Held:
+    """A decoding the engine steps, and the batches whose requests it holds: (batch id, its first
+    request in the decoding, how many) in request order; a batch leaves once all of its ended."""
+
+    decoding: Any  # serving.engine.Decoding
+    batches: list[tuple[int, int, int]]
+
+
+def _step(conn: Connection, held: _Held) -> bool:
+    """One step of a held decoding, sent to its batches; False once it has ended."""
+    try:
+        step = held.decoding.step()
+    except Exception as exc:  # a shared forward pass failed: its batches fail as a whole
+        log.exception("batches %s failed", [b for b, _, _ in held.batches])
+        for batch, _, _ in held.batches:
+            _send(conn, "error", batch, encode_error(exc))
+        return False
+    if step is None:
+        for batch, _, _ in held.batches:
+            _send(conn, "done", batch, None)
+        return False
+    active = set(held.decoding.active)
+    for batch, first, count in list(held.batches):
+        _send(conn, "step", batch, [encode_delta(d) for d in step[first : first + count]])
+        if active.isdisjoint(range(first, first + count)):  # every request of this batch ended
+            _send(conn, "done", batch, None)
+            held.batches.remove((batch, first, count))
+    return bool(held.batches)
+
+
+def _merge(held: list[_Held], max_rows: int) -> None:
+    """Merge each decoding that has started into the first earlier one that can take it (the lean
+    decoder, the same adapter stack, at most max_rows rows together): one forward pass a step
+    for all of them instead of one each (iteration-level batching)."""
+    for i, target in enumerate(held):
+        for other in held[i + 1 :]:
+            if not (target.batches and other.batches) or other.decoding.batch is None:
+                continue
+            if target.decoding.rows + other.decoding.rows > max_rows:
+                continue
+            offset = len(target.decoding.requests)
+            if target.decoding.absorb(other.decoding):
+                target.batches += [(b, first + offset, n) for b, first, n in other.batches]
+                other.batches = []
+    held[:] = [h for h in held if h.batches]
+
+
+def _cancel(held: list[_Held], batch: int) -> None:
+    """A batch's client went away: its requests stop; the others in its decoding go on."""
+    for h in held:
+        entry = next((e for e in h.batches if e[0] == batch), None)
+        if entry is not None:
+            h.batches.remove(entry)
+            h.decoding.drop(range(entry[1], entry[1] + entry[2]))
+    held[:] = [h for h in held if h.batches]
+
+
 def serve_forever(conn: Connection) -> None:
-    """The engine loop: read batches, step each held batch in turn, send every step back."""
-    from serving.engine import loaded_versions, open_batch
+    """The engine loop: read batches, step every held decoding in turn, send every step back. A
+    batch that arrives while others decode is merged into them after its prefill (`_merge`)."""
+    from serving.engine import Decoding, load_adapters, loaded_versions
 
     kind, fields, names, resources = _recv(conn)
     assert kind == "init", kind
     try:
-        pool = load_pool(build(AppConfig, fields), names, build(ResourceSpec, resources))
+        app = build(AppConfig, fields)
+        pool = load_pool(app, names, build(ResourceSpec, resources))
     except Exception as exc:  # reported to the replica, which fails to start with it
         log.exception("could not load the expert pool")
         _send(conn, "failed", f"{type(exc).__name__}: {exc}")
         return
+    max_rows = app.serve.max_batch_size * app.serve.max_concurrent_batches
     versions = loaded_versions(pool)
     _send(conn, "ready", pool_info(pool))
-    held: dict[int, Iterator[list[Any]]] = {}
+    held: list[_Held] = []
     while True:
         while conn.poll(0 if held else None):
             kind, batch, payload = _recv(conn)
             if kind == "stop":
                 return
             if kind == "cancel":
-                steps = held.pop(batch, None)
-                if steps is not None:
-                    steps.close()  # type: ignore[attr-defined]
+                _cancel(held, batch)
                 continue
             requests = [decode_request(r) for r in payload]
             known = len(pool.adapters), len(pool.failed)
-            held[batch] = open_batch(pool, requests, versions)
+            try:
+                decoding = Decoding(pool, requests, load_adapters(pool, requests, versions))
+            except Exception as exc:  # this batch only
+                log.exception("batch %d failed", batch)
+                _send(conn, "error", batch, encode_error(exc))
+            else:
+                held.append(_Held(decoding, [(batch, 0, len(requests))]))
             if (len(pool.adapters), len(pool.failed)) != known:
                 _send(conn, "info", pool_info(pool))
-        for batch, steps in list(held.items()):
-            try:
-                step = next(steps, None)
-            except Exception as exc:  # a shared forward pass failed: this batch fails as a whole
-                log.exception("batch %d failed", batch)
-                held.pop(batch)
-                _send(conn, "error", batch, encode_error(exc))
-                continue
-            if step is None:
-                held.pop(batch)
-                _send(conn, "done", batch, None)
-            else:
-                _send(conn, "step", batch, [encode_delta(d) for d in step])
+        held[:] = [h for h in held if _step(conn, h)]
+        _merge(held, max_rows)
 
 
 def main(argv: Sequence[str]) -> int:

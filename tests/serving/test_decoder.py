@@ -106,6 +106,33 @@ def test_fast_batch_equals_peft_after_rows_leave(pool):
     assert compare(pool, [7, 3, 5, 9], components, steps=6, drop={2: [0, 2, 3], 4: [2]}) == 7
 
 
+def test_a_merged_batch_equals_peft_for_every_row(pool):
+    """FastBatch.merge: batch B (its own prompt widths, adapters and cache length) joins batch A
+    after A's second step; every row's logits stay those of peft on its own batch."""
+    batches = []
+    for lengths, adapters, seed in (
+        ([5, 9], ["legal", "biomedical"], 0),
+        ([3, 2, 6], ["__base__", "python_docs", "legal"], 1),
+    ):
+        ids, mask = left_padded(lengths, seed)
+        batches.append((start_batch(pool, ids, mask, adapters, 12), HFBatch(pool, ids, mask, adapters)))
+    (fast_a, ref_a), (fast_b, ref_b) = batches
+    assert isinstance(fast_a, FastBatch) and isinstance(fast_b, FastBatch)
+    want_a, want_b = ref_a.prefill(), ref_b.prefill()
+    fast_a.prefill(), fast_b.prefill()
+    for _ in range(2):
+        tokens = want_a.argmax(-1, keepdim=True)
+        fast_a.step(tokens)
+        want_a = ref_a.step(tokens)
+    fast_a.merge(fast_b)
+    assert fast_a.k.shape[1] == 5 and fast_a.length == max(9 + 2, 6)
+    for _ in range(3):
+        tokens_a, tokens_b = want_a.argmax(-1, keepdim=True), want_b.argmax(-1, keepdim=True)
+        got = fast_a.step(torch.cat([tokens_a, tokens_b]))
+        want_a, want_b = ref_a.step(tokens_a), ref_b.step(tokens_b)
+        torch.testing.assert_close(got, torch.cat([want_a, want_b]), rtol=0, atol=ATOL)
+
+
 def test_greedy_decode_is_the_same_on_both_paths(pool):
     def request(text, experts, **params):
         ids = tuple(pool.tokenizer(text).input_ids)

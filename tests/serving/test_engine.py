@@ -75,6 +75,49 @@ def test_requests_finish_independently_and_stream_deltas(pool):
     assert streamed == generate(pool, [requests[1]])[0][0]
 
 
+def _steps_until_done(decoding, into: list) -> None:
+    while (step := decoding.step()) is not None:
+        into.append(step)
+
+
+def test_a_batch_absorbed_mid_decode_decodes_what_it_would_alone(pool):
+    """Iteration-level batching: batch B joins batch A after A's third step and B's first; every
+    request still decodes exactly what it decodes alone, and B's requests come back in order after
+    A's. A request dropped after the merge leaves, and the others decode on."""
+    from serving.engine import Decoding, results
+
+    a = [
+        GenerationRequest(ids(pool, "what is the dose of insulin"), {"biomedical": 1.0}, GREEDY),
+        GenerationRequest(ids(pool, "copyright"), {"legal": 0.4, "python_docs": 0.6}, GREEDY),
+    ]
+    b = [
+        GenerationRequest(ids(pool, "how does asyncio run a list of tasks"), {"base": 1.0}, GREEDY),
+        GenerationRequest(ids(pool, "the licensee"), {"legal": 1.0}, SamplingParams(max_tokens=4)),
+        GenerationRequest(ids(pool, "gene therapy trial"), {"biomedical": 1.0}, GREEDY),
+    ]
+    first, second = Decoding(pool, a), Decoding(pool, b)
+    steps_a = [first.step() for _ in range(3)]
+    steps_b = [second.step()]
+    assert first.absorb(second) and second.step() is None
+    rest: list = []
+    _steps_until_done(first, rest)
+    assert all(len(step) == len(a) + len(b) for step in rest)
+    got = results(steps_a + [s[: len(a)] for s in rest], len(a)) + results(
+        steps_b + [s[len(a) :] for s in rest], len(b)
+    )
+    assert got == generate(pool, a) + generate(pool, b)
+    assert [r[1] for r in got] == [10, 10, 10, 4, 10]
+
+    first, second = Decoding(pool, a), Decoding(pool, b)
+    first.step(), second.step()
+    assert first.absorb(second)
+    first.drop([len(a) + 2])  # b's third request: its client went away
+    rest = []
+    _steps_until_done(first, rest)
+    assert all(step[len(a) + 2] is None for step in rest)
+    assert [r[1] for r in results([s[: len(a)] for s in rest], len(a))] == [10, 10]  # the others go on
+
+
 def test_coalesced_deltas_are_the_whole_rest_of_a_request():
     deltas = [Delta("Hel", 2), Delta("", 3), Delta("lo", 4, "length")]
     assert coalesce(deltas) == Delta("Hello", 4, "length")

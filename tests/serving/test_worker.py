@@ -91,6 +91,50 @@ def test_two_batches_at_once_each_decode_as_alone(engine, local_pool):
     assert a == generate(local_pool, first) and b == generate(local_pool, second)
 
 
+def _engine_loop(pool, batches: dict[int, list], cancel_after: dict[int, int] | None = None) -> dict:
+    """The engine loop's own steps, in this process over a real pipe: every batch opened at once,
+    stepped and merged as `serve_forever` does; batch -> its messages (kind, payload)."""
+    from multiprocessing import Pipe
+
+    from serving.engine import Decoding
+    from serving.worker import _cancel, _Held, _merge, _recv, _step
+
+    ours, theirs = Pipe()
+    held = [_Held(Decoding(pool, reqs), [(b, 0, len(reqs))]) for b, reqs in batches.items()]
+    counts = {"held after the first merge": None}
+    steps = 0
+    while held:
+        held[:] = [h for h in held if _step(theirs, h)]
+        _merge(held, max_rows=64)
+        steps += 1
+        if counts["held after the first merge"] is None:
+            counts["held after the first merge"] = len(held)
+        for batch, after in (cancel_after or {}).items():
+            if steps == after:
+                _cancel(held, batch)
+    messages: dict = {b: [] for b in batches}
+    while ours.poll():
+        kind, batch, payload = _recv(ours)
+        messages[batch].append((kind, payload))
+    return {**messages, **counts}
+
+
+def test_the_engine_loop_merges_batches_and_each_decodes_as_alone(local_pool):
+    first, second = _requests(local_pool)[:2], _requests(local_pool)[2:]
+    got = _engine_loop(local_pool, {7: first, 8: second})
+    assert got["held after the first merge"] == 1  # one forward pass a step for both
+    for batch, reqs in ((7, first), (8, second)):
+        kinds = [kind for kind, _ in got[batch]]
+        assert kinds[-1] == "done" and set(kinds[:-1]) == {"step"}
+        steps = [[decode_delta(d) for d in payload] for kind, payload in got[batch][:-1]]
+        assert results(steps, len(reqs)) == generate(local_pool, reqs)
+    # a batch cancelled after the merge gets nothing more; the other decodes on to the end
+    got = _engine_loop(local_pool, {7: first, 8: second}, cancel_after={8: 2})
+    assert len(got[8]) == 2 and [kind for kind, _ in got[8]] == ["step", "step"]
+    steps = [[decode_delta(d) for d in payload] for kind, payload in got[7][:-1]]
+    assert results(steps, len(first)) == generate(local_pool, first)
+
+
 def test_a_refused_request_comes_back_as_its_own_error(engine, local_pool):
     vocab = local_pool.model.get_input_embeddings().weight.shape[0]
     good = _requests(local_pool)[0]
