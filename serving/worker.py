@@ -9,8 +9,9 @@ is the only one and spins as it should (vLLM runs its engine in a separate proce
 
 `EngineProcess` (in the replica) starts `python -m serving.worker FD` over a private socket pair,
 sends it the config, and waits until the pool is loaded. `decode(requests)` sends one batch and
-yields its steps as the child produces them; the child interleaves the steps of every batch it
-holds (one step of each in turn) and loads adapters the requests name that it lacks. Messages are
+yields its steps as the child produces them; the child merges a batch that arrives while others
+decode into them after its prefill (one forward pass a step for all: iteration-level batching),
+steps what it cannot merge in turn, and loads adapters the requests name that it lacks. Messages are
 JSON over a socket pair nobody else holds (no pickle): the config as its dataclass fields, requests
 and deltas field by field, an error as its type, message and fields, rebuilt from a fixed table of
 this project's and Python's exception types. The child exits when the replica closes the socket or
