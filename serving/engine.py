@@ -300,12 +300,17 @@ class Decoding:
                 except Exception as exc:  # this request only
                     self.errors[i] = exc
         self.active = [i for i in range(len(self.requests)) if i not in self.errors]  # in row order
+        self.eos = _eos_ids(pool)
         self.texts = [_Text(pool.tokenizer, r.params.stop) for r in self.requests]
         self.seen = [list(r.prompt_ids) if r.params.repetition_penalty != 1.0 else [] for r in self.requests]
         self.tokens: list[int] = []  # each active request's next input token
         self.batch: FastBatch | HFBatch | None = None  # after the first step
-        self.exp = Expansion.of([dict(self.requests[i].experts) for i in self.active])
+        self.exp = self._expansion()
         self.done = False
+
+    def _expansion(self) -> Expansion:
+        """The batch's rows: each active request's experts, in order."""
+        return Expansion.of([dict(self.requests[i].experts) for i in self.active])
 
     @property
     def rows(self) -> int:
@@ -332,9 +337,8 @@ class Decoding:
 
     def _prefill(self) -> torch.Tensor:
         live = [self.requests[i] for i in self.active]
-        eos = _eos_ids(self.pool)
         pad = self.pool.tokenizer.pad_token_id
-        pad = pad if pad is not None else min(eos)
+        pad = pad if pad is not None else min(self.eos)
         width = max(len(r.prompt_ids) for r in live)
         with torch.inference_mode():
             ids = torch.full((len(live), width), pad, dtype=torch.long)
@@ -351,7 +355,6 @@ class Decoding:
 
     def _sample(self, logp: torch.Tensor, step: list[Delta | None]) -> None:
         """Each active request's next token into `step`; the finished ones leave the batch."""
-        eos = _eos_ids(self.pool)
         with torch.inference_mode():
             picks = _sample(
                 logp, [self.requests[i].params for i in self.active], [self.seen[i] for i in self.active]
@@ -363,7 +366,7 @@ class Decoding:
                 if isinstance(pick, Exception):
                     raise pick
                 params = self.requests[i].params
-                is_eos = pick in eos and not params.ignore_eos
+                is_eos = pick in self.eos and not params.ignore_eos
                 generated = len(self.texts[i].tokens) + (0 if is_eos else 1)
                 at_limit = generated >= params.max_tokens
                 new, stopped = self.texts[i].push(None if is_eos else pick, final=is_eos or at_limit)
@@ -386,13 +389,14 @@ class Decoding:
             return
         if len(keep) < len(self.active):
             assert self.batch is not None
+            kept = set(keep)
             with torch.inference_mode():
                 self.batch.select(
-                    torch.tensor([r for r, owner in enumerate(self.exp.owner) if owner in keep])
+                    torch.tensor([r for r, owner in enumerate(self.exp.owner) if owner in kept])
                 )
             self.active = [self.active[j] for j in keep]
             self.tokens = [self.tokens[j] for j in keep]
-            self.exp = Expansion.of([dict(self.requests[i].experts) for i in self.active])
+            self.exp = self._expansion()
 
     def drop(self, requests: Iterable[int]) -> None:
         """These requests stop here (their client went away); the others decode on."""
@@ -417,7 +421,7 @@ class Decoding:
         self.seen += other.seen
         self.active += [offset + i for i in other.active]
         self.tokens += other.tokens
-        self.exp = Expansion.of([dict(self.requests[i].experts) for i in self.active])
+        self.exp = self._expansion()
         other.done, other.active, other.batch = True, [], None
         return True
 
