@@ -24,7 +24,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.base_model import load_base_model, load_tokenizer  # noqa: E402
 from experts.config import compose  # noqa: E402
+from experts.hardware import machine_report  # noqa: E402
 from experts.schema import AppConfig  # noqa: E402
 
 PROMPT_TOKENS = 32
@@ -328,22 +328,7 @@ def bandwidth(weight_bytes: int, repeats: int = 5) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "loadavg_at_start": os.getloadavg(),
-    }
+    return machine_report(bandwidth=False)  # the bandwidth is measured at the pool's threads (bandwidth())
 
 
 def table(r: dict[str, Any]) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from experts.errors import ArtifactError, ConfigError
+from experts.hardware import native_bf16
 from experts.registry import unpack
 from experts.schema import BaseModelSpec, PathsSpec
 
@@ -113,15 +113,6 @@ def _build_tiny(spec: BaseModelSpec, paths: PathsSpec, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-@lru_cache(maxsize=4)
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_device(preference: str = "auto") -> str:
     import torch
 
@@ -138,7 +129,7 @@ def pick_dtype(precision: str, device: str) -> Any:
 
     if precision == "fp32":
         return torch.float32
-    native = torch.cuda.is_bf16_supported() if device == "cuda" else _cpu_has_bf16()
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else native_bf16()
     if precision == "bf16" or native:
         return torch.bfloat16
     return torch.float32

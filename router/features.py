@@ -241,11 +241,9 @@ def encoder_dtype() -> Any:
     router probabilities within ~0.01. Elsewhere float32, which emulated bfloat16 would slow."""
     import torch
 
-    native = [
-        getattr(torch.cpu, name, lambda: False)
-        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    ]
-    return torch.bfloat16 if any(check() for check in native) else torch.float32
+    from experts.hardware import native_bf16
+
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def _bert_weights(state: dict[str, Any], layers: int, dtype: Any) -> dict[str, Any]:
