@@ -265,6 +265,7 @@ def run_command(name: str, argv: list[str]) -> int:
             overrides=[o for o in overrides if not o.startswith("-") and o != "all_experts=true"],
             output_dir=Path(hc.runtime.output_dir),
             multirun=hc.mode == RunMode.MULTIRUN,
+            all_experts="all_experts=true" in overrides,
         )
         try:
             app = to_app_config(cfg, conf)

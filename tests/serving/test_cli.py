@@ -63,3 +63,22 @@ def test_positional_split_keeps_free_text_apart_from_overrides():
     overrides, texts = _split(cmd, ["router=embed", "what is x=5", "-m", "--", "router.c=2"])
     assert overrides == ["router=embed", "-m"]
     assert texts == ["what is x=5", "router.c=2"]
+
+
+def test_train_expert_all_trains_every_configured_expert(user_conf, tmp_path):
+    """`moe train expert=all` (the README's command) trains each expert of `experts=[...]`."""
+    from tests.conftest import run_moe, write_toy_folder
+
+    write_toy_folder(tmp_path / "moon_texts", seed=1, words=("moon", "crater", "tide", "orbit", "regolith"))
+    (user_conf / "expert" / "moon.yaml").write_text(
+        (user_conf / "expert" / "toy.yaml")
+        .read_text()
+        .replace("name: toy", "name: moon")
+        .replace(str(tmp_path / "toy_texts"), str(tmp_path / "moon_texts"))
+    )
+    base = ["base_model=tiny", "train=tiny", "experts=[toy,moon]"]
+    assert run_moe("data", "expert=all", *base).returncode == 0
+    out = run_moe("train", "expert=all", *base)
+    assert out.returncode == 0, out.stderr
+    for name in ("toy", "moon"):
+        assert (tmp_path / "artifacts" / "experts" / name / "adapter_model.safetensors").exists(), name
