@@ -186,6 +186,9 @@ def test_an_fp32_pool_without_native_bf16_serves_bf16_storage(tiny_app, adapters
     assert packed.dtype == torch.float32
     fast_decoder = decoder_for(packed)
     assert isinstance(fast_decoder.lm_head, PackedLinear) and fast_decoder.lm_head.kind == "bf16"
+    plain_decoder = decoder_for(plain)
+    assert plain_decoder is not None and not isinstance(plain_decoder.lm_head, PackedLinear)
+    assert 2 * fast_decoder.token_bytes() == plain_decoder.token_bytes()  # half the bytes a token
     ids, mask = left_padded([4, 7, 5])
     rows = ["legal", "base", "biomedical"]
     fast, ref = start_batch(packed, ids, mask, rows, 12), HFBatch(packed, ids, mask, rows)
