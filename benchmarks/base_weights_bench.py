@@ -1,15 +1,20 @@
 """The base weights' formats side by side (`serve.pool.base_weights`): speed and what they change.
 
-    .venv/bin/python benchmarks/base_weights_bench.py [--rounds 5] [--formats plain,onednn,int4] [overrides]
+    .venv/bin/python benchmarks/base_weights_bench.py [--rounds 5] [--formats plain,onednn,int4] [--avx2] [overrides]
 
-One pool per format in this process (the real base model, bf16 on the CPU, the trained experts
-in artifacts/experts/), batches of 1, 8 and 32 decoded round-robin over the formats within each
+One pool per format in this process (the real base model on the CPU in the dtype the pool picks
+here, bf16 with native bf16 and fp32 without; the trained experts in artifacts/experts/). The
+default formats: plain, onednn and int4 for a bf16 pool; plain (fp32), bf16 storage and int4 for
+an fp32 one. Batches of 1, 8 and 32 decoded round-robin over the formats within each
 round (the machine's speed drifts; only same-round ratios count), medians over the rounds:
 - tok/s of `serving.engine.generate` (32-token prompts, exactly 64 new tokens, greedy) and the
   prefill time of 32 such prompts;
 - teacher-forced perplexity of each format through the Hugging Face path, on the same text
   (`--text`, default a licence text Debian ships), and how often its greedy next token differs
-  from plain bf16's: the packed formats must not change the model.
+  from plain's: the packed formats must not change the model;
+- batch 1 as a share of its roofline: the read bandwidth measured here over the bytes of base
+  weights a token reads in that format (`Decoder.token_bytes`), beside the CPU's flags.
+`--avx2` runs it as an AVX2-only CPU would (decode_bench.imitate_avx2; bandwidth not imitated).
 Saves artifacts/bench/base_weights.json.
 """
 
@@ -30,11 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from decode_bench import NEW_TOKENS, requests  # noqa: E402  (benchmarks/ is on sys.path)
+from decode_bench import NEW_TOKENS, imitate_avx2, requests, roofline  # noqa: E402  (benchmarks/ is on sys.path)
 from serve_bench import pool_bytes  # noqa: E402
 
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.config import compose  # noqa: E402
+from experts.hardware import machine_report  # noqa: E402
+from serving.decoder import decoder_for  # noqa: E402
 from serving.engine import generate, serving_weights  # noqa: E402
 from serving.packed import layout  # noqa: E402
 
@@ -43,7 +50,7 @@ TEXTS = ("/usr/share/common-licenses/GPL-3", "README.md")
 
 
 def pool_for(app: Any, fmt: str) -> ExpertPool:
-    pool = ExpertPool.load(app, device="cpu", precision="bf16", strict=False)
+    pool = ExpertPool.load(app, device="cpu", strict=False)
     serving_weights(pool, fmt)
     return pool
 
@@ -70,15 +77,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--formats", default="plain,onednn,int4")
+    parser.add_argument("--formats", default=None, help="default: by the pool's dtype (above)")
+    parser.add_argument(
+        "--avx2", action="store_true", help="imitate an AVX2-only CPU (bandwidth not imitated)"
+    )
     parser.add_argument("--text", default=None, help="text file for the perplexity check")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of it to score")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    imitate_avx2()
     app = compose(args.overrides)
     torch.set_num_threads(app.serve.pool.torch_threads)
-    formats = args.formats.split(",")
+    machine = machine_report()
+    print(machine, flush=True)
+    fp32 = ExpertPool.load(app, names=[], device="cpu").dtype == torch.float32
+    formats = (args.formats or ("plain,bf16,int4" if fp32 else "plain,onednn,int4")).split(",")
     pools = {f: pool_for(app, f) for f in formats}
     first = pools[formats[0]]
     if not first.adapters:
@@ -105,6 +119,8 @@ def main() -> None:
     scored = {f: quality(pools[f], ids) for f in formats}
     reference = scored.get("plain", scored[formats[0]])[1]
     result: dict[str, Any] = {
+        "machine": machine,
+        "dtype": str(first.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "text": str(path),
@@ -113,9 +129,10 @@ def main() -> None:
         "formats": {},
     }
     print(
-        "| base weights | layers | batch 1 tok/s | batch 8 | batch 32 | prefill 32x32 s | MiB | perplexity | greedy picks != plain |"
+        "| base weights | layers | batch 1 tok/s | batch 8 | batch 32 | prefill 32x32 s | MiB "
+        "| MB a token | batch 1 of roofline | perplexity | greedy picks != plain |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for f in formats:
         row = {
             "layers": layout(pools[f].model),
@@ -126,10 +143,14 @@ def main() -> None:
             "perplexity": round(scored[f][0], 3),
             "greedy_differs": round(float((scored[f][1] != reference).float().mean()), 4),
         }
+        fast = decoder_for(pools[f])
+        if fast is not None:
+            row["roofline"] = roofline(row["tok_s"]["1"], fast.token_bytes(), float(machine["read_gb_s"]))
         result["formats"][f] = row
         t = row["tok_s"]
         print(
             f"| {f} | {row['layers']} | {t['1']} | {t['8']} | {t['32']} | {row['prefill_s']} | {row['base_mib']} "
+            f"| {row.get('roofline', {}).get('token_mb')} | {row.get('roofline', {}).get('of_limit', 0):.0%} "
             f"| {row['perplexity']} | {row['greedy_differs']:.2%} |"
         )
     out = Path(args.out or app.paths.artifacts_dir / "bench" / "base_weights.json")

@@ -1,6 +1,6 @@
 """In-process decode speed of the expert pool (no Ray, no HTTP): what the engine itself can do.
 
-    .venv/bin/python benchmarks/decode_bench.py [--rounds 5] [serve.pool.torch_threads=1 ...]
+    .venv/bin/python benchmarks/decode_bench.py [--rounds 5] [--avx2] [serve.pool.torch_threads=1 ...]
 
 - Throughput of `serving.engine.generate` at batch 1, 8 and 32 (32-token prompts, exactly 64 new
   tokens, greedy, rows round-robin over the trained experts in artifacts/experts/), the real base
@@ -9,6 +9,11 @@
 - Where one batch-1 token goes: the base weights' matmuls (`serving.decoder.linear`), the LoRA,
   the rest of the forward (norms, RoPE, cache writes, attention), and the engine around it
   (mixing, sampling, detokenising).
+- The machine (CPU flags, read bandwidth at the pool's threads, `experts.hardware.machine_report`)
+  and batch 1 as a share of its roofline: that bandwidth over the bytes of base weights a token
+  reads in the layout served (`Decoder.token_bytes`).
+`--avx2` reruns the script as an AVX2-only CPU would run it (`experts.hardware.AVX2_ENV`: torch's
+kernels, oneDNN and MKL capped at AVX2; the memory bandwidth is this machine's).
 Compare batch 1 with the endpoint's batch-1 tok/s (benchmarks/serve_bench.py): the difference is
 Ray Serve + HTTP per token. Saves artifacts/bench/decode.json.
 """
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -34,12 +40,30 @@ import torch  # noqa: E402
 import serving.decoder as decoder  # noqa: E402
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.config import compose  # noqa: E402
+from experts.hardware import AVX2_ENV, machine_report  # noqa: E402
 from serving.engine import GenerationRequest, SamplingParams, decode, generate, serving_weights  # noqa: E402
-from serving.packed import PackedLinear  # noqa: E402
+from serving.packed import PackedLinear, layout  # noqa: E402
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
 BATCHES = (1, 8, 32)
+
+
+def imitate_avx2() -> None:
+    """With --avx2 on the command line: run this script again as an AVX2-only CPU would
+    (AVX2_ENV must be set before torch starts, so the process is replaced)."""
+    if "--avx2" in sys.argv and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+
+
+def roofline(tok_s: float, token_bytes: int, read_gb_s: float) -> dict[str, Any]:
+    """Batch-1 tok/s against its limit here: every base weight read once a token."""
+    limit = read_gb_s * 1e9 / token_bytes
+    return {
+        "token_mb": round(token_bytes / 1e6, 1),
+        "limit_tok_s": round(limit, 1),
+        "of_limit": round(tok_s / limit, 3),
+    }
 
 
 def requests(pool: ExpertPool, rows: int) -> list[GenerationRequest]:
@@ -135,9 +159,13 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="repetitions (medians are reported)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops")
+    parser.add_argument(
+        "--avx2", action="store_true", help="imitate an AVX2-only CPU (bandwidth not imitated)"
+    )
     parser.add_argument("--out", default=None, help="JSON output (default artifacts/bench/decode.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. serve.pool.torch_threads=1")
     args = parser.parse_args()
+    imitate_avx2()
     app = compose(args.overrides)
     torch.set_num_threads(app.serve.pool.torch_threads)
     pool = ExpertPool.load(app, device="cpu", strict=False)  # every expert with a trained adapter
@@ -146,6 +174,7 @@ def main() -> None:
     serving_weights(pool, app.serve.pool.base_weights)
     fast = decoder.decoder_for(pool)
     result: dict[str, Any] = {
+        "machine": machine_report(),  # the bandwidth at the pool's threads (set above)
         "base_model": app.base_model.name,
         "experts": list(pool.adapters),
         "dtype": str(pool.dtype).removeprefix("torch."),
@@ -154,6 +183,7 @@ def main() -> None:
         "layers_packed": fast.layers[0].qkv.kind
         if fast and isinstance(fast.layers[0].qkv, PackedLinear)
         else None,
+        "layers": layout(pool.model),
         "single_row_mv": fast.mv if fast else None,
         "torch": torch.__version__,
         "prompt_tokens": PROMPT_TOKENS,
@@ -162,9 +192,27 @@ def main() -> None:
         "loadavg_at_start": os.getloadavg(),
     }
     result["throughput"] = throughput(pool, args.rounds)
-    print(f"base weights {result['base_weights']}: layers {result['layers_packed'] or 'plain'}", flush=True)
+    m = result["machine"]
+    print(
+        f"{m['cpu']} ({m['cpu_kind']}, capped to AVX2: {m['capped_to_avx2']}; flags {m['cpu_flags']}); "
+        f"{m['read_gb_s']} GB/s read on {m['torch_threads']} threads",
+        flush=True,
+    )
+    print(
+        f"{result['dtype']} pool, base weights {result['base_weights']}: layers {result['layers']}",
+        flush=True,
+    )
     for b, r in result["throughput"].items():
         print(f"batch {b}: {r['tok_s']} tok/s (samples {r['samples']})", flush=True)
+    if fast:
+        result["roofline"] = roofline(
+            result["throughput"]["1"]["tok_s"], fast.token_bytes(), float(m["read_gb_s"])
+        )
+        r = result["roofline"]
+        print(
+            f"batch 1: {r['of_limit']:.0%} of the roofline ({r['token_mb']} MB a token -> {r['limit_tok_s']} tok/s)",
+            flush=True,
+        )
     result["batch1_per_token"] = breakdown(pool, args.rounds)
     print("batch-1 token:", result["batch1_per_token"], flush=True)
     if args.profile:

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serve_bench.py            # real SmolLM2-135M base, six experts
     .venv/bin/python benchmarks/serve_bench.py --quick    # fewer requests (a smoke run)
     .venv/bin/python benchmarks/serve_bench.py --served-only serve.pool.engine=thread   # A/B of settings
+    .venv/bin/python benchmarks/serve_bench.py --avx2     # as an AVX2-only CPU runs it (bandwidth not imitated)
 
 - Throughput and latency at concurrency 1, 8 and 32 (32-token prompts, exactly 64 new tokens,
   requests spread round-robin over the experts), for
@@ -15,6 +16,9 @@
 Adapters are random-init LoRA (r=16 on q,k,v,o) on the real base: their cost is exactly that of
 trained ones. The router is the trained one when artifacts/router matches the experts, else a
 TF-IDF router fitted on synthetic text (its cost per query is what is measured).
+The machine (CPU flags, torch's AVX2 caps) and the read bandwidth are recorded beside the figures;
+the batch-1 roofline is that bandwidth over the bytes of base weights a token reads in the layout
+the pool serves (`Decoder.token_bytes`: e.g. bf16 storage for an fp32 pool).
 Results: artifacts/bench/serve.json; the table for docs/benchmarks.md is printed.
 """
 
@@ -37,12 +41,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
+from decode_bench import imitate_avx2  # noqa: E402  (benchmarks/ is on sys.path)
 
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.base_model import load_base_model, load_tokenizer  # noqa: E402
 from experts.config import compose  # noqa: E402
 from experts.hardware import machine_report  # noqa: E402
 from experts.schema import AppConfig  # noqa: E402
+from serving.decoder import decoder_for  # noqa: E402
+from serving.engine import serving_weights  # noqa: E402
+from serving.packed import layout  # noqa: E402
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
@@ -299,9 +307,6 @@ def pool_bytes(pool: ExpertPool, lora: bool = True) -> int:
 def memory(app: AppConfig, names: list[str], dtype: Any) -> dict[str, Any]:
     """Bytes the pool of these experts holds as it serves (`pool_bytes`), base weights at the
     serving dtype and layout."""
-    from serving.engine import serving_weights
-    from serving.packed import layout
-
     pool = ExpertPool.load(app, names, device="cpu")
     assert pool.dtype == dtype, (pool.dtype, dtype)
     serving_weights(pool, app.serve.pool.base_weights)
@@ -388,7 +393,9 @@ def limit_line(r: dict[str, Any]) -> str:
     b = r["bandwidth"]
     return (
         f"Bandwidth limit: {b['read_gb_s']} GB/s read (measured) / {b['weight_bytes_per_token'] / 1e6:.0f} MB "
-        f"of weights a token = {b['limit_tok_s']} tok/s; streamed decode is {r['stream']['of_limit']:.0%} of it."
+        f"of weights a token ({r['dtype']} pool, layers {r['serve']['base_layout']}) = {b['limit_tok_s']} tok/s; "
+        f"streamed decode is {r['stream']['of_limit']:.0%} of it. CPU {r['machine']['cpu_kind']} "
+        f"(flags {' '.join(r['machine']['cpu_flags'])}; capped to AVX2: {r['machine']['capped_to_avx2']})."
     )
 
 
@@ -405,7 +412,11 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=6, help="number of experts (routable ones first)")
     parser.add_argument("--out", default=None, help="JSON output (default artifacts/bench/serve.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. serve.pool.torch_threads=1")
+    parser.add_argument(
+        "--avx2", action="store_true", help="imitate an AVX2-only CPU (bandwidth not imitated)"
+    )
     args = parser.parse_args()
+    imitate_avx2()
     totals = {1: 2, 8: 8, 32: 32} if args.quick else {1: 4, 8: 16, 32: 32}
     base_app = compose(args.overrides)
     out = Path(args.out or base_app.paths.artifacts_dir / "bench" / "serve.json")
@@ -428,8 +439,13 @@ def main() -> None:
         texts = prompts(app, 64)
         probe = ExpertPool.load(app, [], device="cpu")
         dtype = probe.dtype
-        weight_bytes = sum(p.numel() for p in probe.model.parameters()) * dtype.itemsize
-        del probe
+        serving_weights(probe, app.serve.pool.base_weights)
+        fast = decoder_for(probe)
+        weight_bytes = (
+            fast.token_bytes() if fast else sum(p.numel() for p in probe.model.parameters()) * dtype.itemsize
+        )
+        base_layout = layout(probe.model)
+        del probe, fast
         result: dict[str, Any] = {
             "machine": machine(),
             "base_model": app.base_model.name,
@@ -445,6 +461,8 @@ def main() -> None:
                 "pool_num_cpus": app.serve.pool.num_cpus,
                 "pool_engine": app.serve.pool.engine,
                 "stream_interval_s": app.serve.stream_interval_s,
+                "base_weights": app.serve.pool.base_weights,
+                "base_layout": base_layout,
             },
             "bandwidth": bandwidth(weight_bytes),
         }

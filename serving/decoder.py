@@ -12,6 +12,8 @@ Two implementations of one interface (`start_batch`):
   two matmuls per group (`LoraGroup.for_one`, made once per batch), a mix -> one matmul against
   every adapter's A, a per-row mask, one matmul per module against every B. A test holds its
   logits to peft's `adapter_names` forward.
+  Where an fp32 pool's layers are stored in bf16 (`serving.packed`, a CPU without native bf16),
+  the decoder keeps a bf16 copy of the LM head too.
 - `HFBatch`: the Hugging Face model through peft (`ExpertPool.forward`, a DynamicCache), for every
   other architecture or adapter kind (DoRA, LoRA on embeddings).
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.adapters import ExpertPool, LoraGroup, LoraStack
-from serving.packed import PackedLinear, fastest, packed_group
+from serving.packed import PackedLinear, fastest, pack, packed_group
 
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
 FP32_CACHE_ROWS = 8  # batches of at most this many rows keep their KV cache in fp32 on a CPU
@@ -153,7 +155,7 @@ class Decoder:
         self.eps = config.rms_norm_eps
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = model.get_output_embeddings().weight
+        self.lm_head: torch.Tensor | PackedLinear = model.get_output_embeddings().weight
         self.rotary = inner.rotary_emb
         self.dtype = self.embed.dtype
         self.layers = []
@@ -180,11 +182,28 @@ class Decoder:
             "up_proj": slice(self.intermediate, 2 * self.intermediate),
         }
         self._cos = self._sin = torch.empty(0)
+        if isinstance(self.layers[0].qkv, PackedLinear) and self.layers[0].qkv.kind == "bf16":
+            # The layers' weights are stored in bf16 (an fp32 pool, `serving.packed`): so is a copy
+            # of the LM head (a fifth of a token's bytes; the fp32 one stays, tied to the embeddings)
+            self.lm_head = pack([self.lm_head], "bf16") or self.lm_head
         # A batch-1 token's weights, to time the two single-row paths on this CPU
         weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.mv = prefers_mv([w for w in (*weights, self.lm_head) if isinstance(w, torch.Tensor)])
 
         self.lora_keys = {key for layer in self.layers for key in layer.lora}
+
+    def token_bytes(self) -> int:
+        """Bytes of base weights one batch-1 token reads, in the layout served: every layer's
+        linears and the LM head (the embedding row and the norms are noise). Divided into the
+        measured read bandwidth, the roofline of batch-1 decoding (benchmarks/)."""
+
+        def size(w: torch.Tensor | PackedLinear) -> int:
+            return w.nbytes() if isinstance(w, PackedLinear) else w.numel() * w.element_size()
+
+        layers = sum(
+            size(w) for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        )
+        return layers + size(self.lm_head)
 
     def current(self) -> bool:
         """False once the HF model's weights were replaced (e.g. cast): the decoder must be rebuilt."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from experts.adapters import Expansion, ExpertPool
+from experts.hardware import CpuInfo
 from serving.api import RequestError
 from serving.decoder import FastBatch, HFBatch, linear, prefers_mv, start_batch
 from serving.packed import is_adapter_module, pack_model
@@ -92,26 +93,35 @@ def use_gemv(model: torch.nn.Module) -> bool:
     return True
 
 
-def serving_weights(pool: ExpertPool, base_weights: str = "auto") -> None:
+def serving_weights(pool: ExpertPool, base_weights: str = "auto", cpu: CpuInfo | None = None) -> None:
     """Base weights in the pool's compute dtype: decoding reads every weight once per step, so half
     the bytes in bf16 (autocast alone would keep fp32 weights and cast them at every step). The
     LoRA stack stays fp32: it is small, and small fp32 matmuls are the fast ones on a CPU.
 
-    base_weights, for a bf16 pool on the CPU (`serving.packed`): "onednn" holds the decoder layers'
-    linears in oneDNN's blocked bf16 layout (the same values), "int4" at 4 bits where that is
-    lossless (a base converted from a 4-bit GGUF, as the default is), "plain" as bf16 tensors;
-    "auto" packs with oneDNN where one row through it is faster than through plain weights here."""
-    if pool.dtype == torch.float32:
-        return
+    base_weights, for a pool on the CPU (`serving.packed`): "onednn" holds the decoder layers'
+    linears of a bf16 pool in oneDNN's blocked bf16 layout (the same values); "int4" at 4 bits
+    where that is lossless (a base converted from a 4-bit GGUF, as the default is); "bf16" stores
+    an fp32 pool's in bf16 and computes in fp32 (a CPU without native bf16: half the bytes a
+    token); "plain" keeps them as they are; "auto" tries the format `serving.packed.auto_format`
+    names for the pool's dtype on this CPU (`cpu`, default this machine's) and keeps it where one
+    row through it is faster than through the plain weights here."""
+    allowed = {torch.bfloat16: ("auto", "onednn", "int4"), torch.float32: ("auto", "bf16", "int4")}
     with pool.lock:
-        if pool.device == "cpu" and pool.dtype == torch.bfloat16:
-            packed = pack_model(pool.model, base_weights) if base_weights != "plain" else 0  # from fp32
+        if pool.device == "cpu" and base_weights in allowed.get(pool.dtype, ()):
+            packed = pack_model(pool.model, base_weights, pool.dtype, cpu)  # from the fp32 weights
             if base_weights == "int4" and not packed:
                 log.warning(
                     "base_weights=int4: no layer's weights are on a 4-bit grid (not a 4-bit GGUF?): kept plain"
                 )
-        elif base_weights in ("onednn", "int4"):
-            log.warning("base_weights=%s needs a bf16 pool on the CPU: kept plain", base_weights)
+        elif base_weights not in ("auto", "plain"):
+            log.warning(
+                "base_weights=%s does not fit a %s pool on %s: kept plain",
+                base_weights,
+                str(pool.dtype).removeprefix("torch."),
+                pool.device,
+            )
+        if pool.dtype == torch.float32:
+            return
         for name, param in pool.model.named_parameters():
             if "lora_" not in name and param.dtype != pool.dtype:
                 param.data = param.data.to(pool.dtype)

@@ -1,7 +1,8 @@
-"""Base weights in a CPU kernel's own layout, for serving: oneDNN's blocked bf16, or 4 bits.
+"""Base weights in a CPU kernel's own layout, for serving: oneDNN's blocked bf16, 4 bits, or bf16
+storage for an fp32 pool.
 
 Decoding reads every base weight once per step, so how fast a kernel reads them sets batch-1
-speed. Two packed formats replace the plain bf16 weights of the decoder layers' linears (each
+speed. Three packed formats replace the plain weights of the decoder layers' linears (each
 format holds the weights once; the plain copies are freed):
 
 - "onednn": the same bf16 values in oneDNN's blocked layout (`torch.ops.mkldnn._linear_pointwise`,
@@ -13,6 +14,15 @@ format holds the weights once; the plain copies are freed):
   (perplexity within 0.2% of bf16). A quarter of the bytes: 3.5x faster than bf16 at one row, but
   the kernel's cost grows with the rows (as fast at 8, 2x slower at 32), so it suits batch-1
   latency, not throughput. `pack` refuses weights that are not on such a grid.
+- "bf16", for an fp32 pool (a CPU without native bf16, where bf16 compute is emulated and slow):
+  the weights stored in bf16, half the bytes, computed in fp32. One row goes through ATen's bf16
+  GEMV, which widens the weights in registers and accumulates in fp32 (the row is rounded to bf16
+  on the way in, as a bf16 pool does); more rows widen CHUNK_ROWS output rows of weights at a time
+  to fp32 (they stay in cache) for an fp32 matmul. The same values a bf16 pool serves.
+
+`pack_model(model, "auto", dtype, cpu)` tries the format `auto_format` names for the pool's dtype
+on this CPU (oneDNN for a bf16 pool on a CPU with native bf16, bf16 storage for an fp32 pool on
+one without) and installs it only where one row through it beats the plain weights, timed here.
 
 The linears that read one input (a layer's q/k/v, its gate/up) are packed as one (`PackedLinear`),
 so the lean decoder runs them in one matmul; each Hugging Face module gets a forward that runs its
@@ -35,10 +45,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from experts.hardware import CpuInfo, cpu_info
+
 log = logging.getLogger(__name__)
 
-Kind = Literal["onednn", "int4"]
+Kind = Literal["onednn", "int4", "bf16"]
 GROUP = 32  # int4: inputs per scale and zero (Q4_1's block)
+# bf16 storage, several rows: output rows of weights widened to fp32 per matmul. 512 x 576 fp32 is
+# 1.2 MB, in cache; a whole lm_head (49152 rows, 113 MB) widened at once took 1.6x as long.
+CHUNK_ROWS = 512
 # Linears of one parent that read the same input: packed and multiplied as one, in this order
 SIBLINGS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 _ORDER = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -49,23 +64,39 @@ class PackedLinear:
     """One or more bias-free linears' weights [out, in], packed as one."""
 
     kind: Kind
-    weight: torch.Tensor  # onednn: opaque bf16 [out, in]; int4: [out, in / 2] uint8
+    weight: torch.Tensor  # onednn: opaque bf16 [out, in]; int4: [out, in / 2] uint8; bf16: [out, in]
     scales: torch.Tensor | None  # int4: [in / GROUP, out, 2] bf16 (scale, zero), contiguous
     in_features: int
     out_features: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out] in bf16 (what a bf16 linear under autocast returns)."""
-        x = x.to(torch.bfloat16)
+        """x [..., in] -> [..., out] in x's dtype (bf16 for a bf16 pool, fp32 for an fp32 one)."""
+        if self.kind == "bf16":
+            return bf16_linear(x, self.weight)
+        dtype = x.dtype
+        x = x.to(torch.bfloat16)  # the kernels take bf16 rows (int4 fp32 ones: ~13x slower on AVX2)
         if self.kind == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales)
-        return y.view(*x.shape[:-1], self.out_features)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        else:
+            flat = x.reshape(-1, self.in_features)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y.to(dtype)
 
     def nbytes(self) -> int:
         scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
         return self.weight.numel() * self.weight.element_size() + scales
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (fp32) times bf16 weights [out, in], computed in fp32: [..., out] fp32."""
+    if x.numel() == x.shape[-1]:  # one row: ATen's bf16 GEMV (fp32 accumulation)
+        y = torch.mv(weight, x.reshape(-1).to(torch.bfloat16)).float()
+        return y.view(*x.shape[:-1], -1)
+    parts = [
+        F.linear(x, weight[at : at + CHUNK_ROWS].float()) for at in range(0, weight.shape[0], CHUNK_ROWS)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -87,12 +118,15 @@ def pack(weights: Sequence[torch.Tensor], kind: str) -> PackedLinear | None:
     """Weights [out_i, in] of linears that read one input, packed as one; None where `kind`
     cannot hold them (int4: rows not a multiple of 16, inputs not of GROUP, or not on a 4-bit grid)."""
     rows, features = sum(int(w.shape[0]) for w in weights), int(weights[0].shape[1])
+    if kind == "bf16":
+        stored = torch.cat([w.detach().to(torch.bfloat16) for w in weights])
+        return PackedLinear("bf16", stored, None, features, rows)
     w = torch.cat([w.detach().float() for w in weights])
     if kind == "onednn":
         packed = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), None)
         return PackedLinear("onednn", packed, None, features, rows)
     if kind != "int4":
-        raise ValueError(f"unknown packed format {kind!r} (onednn or int4)")
+        raise ValueError(f"unknown packed format {kind!r} (onednn, int4 or bf16)")
     if rows % 16 or features % GROUP:
         return None
     int4 = _int4(w)
@@ -141,23 +175,36 @@ def install(linears: Sequence[torch.nn.Linear], group: PackedLinear) -> None:
         vars(m).update(packed=(group, rows), forward=types.MethodType(_forward, m))
 
 
-def pack_model(model: Any, kind: str) -> int:
-    """Pack every sibling group of the decoder layers that `kind` can hold; the linears packed.
-    "auto": oneDNN, installed only where one row through the packed groups beats both plain paths
-    here (`onednn_is_faster`); the groups are packed once, for the timing and for serving."""
+def auto_format(dtype: torch.dtype, cpu: CpuInfo | None = None) -> Kind | None:
+    """The packed format `base_weights=auto` tries for a CPU pool of `dtype` on this CPU (None:
+    keep the plain weights): oneDNN's bf16 layout for a bf16 pool where the CPU has native bf16;
+    bf16 storage with fp32 compute for an fp32 pool where it has not (on one that has, an fp32
+    pool was asked for by `precision=fp32`: kept as asked)."""
+    native = (cpu or cpu_info()).native_bf16
+    if dtype == torch.bfloat16:
+        return "onednn" if native and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return "bf16" if dtype == torch.float32 and not native else None
+
+
+def pack_model(model: Any, kind: str, dtype: torch.dtype = torch.bfloat16, cpu: CpuInfo | None = None) -> int:
+    """Pack every sibling group of the decoder layers that `kind` can hold, for a pool computing
+    in `dtype`; the linears packed. "auto": `auto_format`'s, installed only where one row through
+    the packed groups beats both plain paths here (`packed_is_faster`); the groups are packed
+    once, for the timing and for serving."""
     groups = sibling_groups(model)
-    if kind == "auto" and not (groups and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    fmt = auto_format(dtype, cpu) if kind == "auto" else kind
+    if fmt is None or not groups:
         return 0
     with torch.no_grad():
-        packs = [pack([m.weight for m in g], "onednn" if kind == "auto" else kind) for g in groups]
-    if kind == "auto" and not onednn_is_faster(groups, packs):
+        packs = [pack([m.weight for m in g], fmt) for g in groups]
+    if kind == "auto" and not packed_is_faster(groups, packs, dtype):
         return 0
     count = 0
     for linears, group in zip(groups, packs, strict=True):
         if group is not None:
             install(linears, group)
             count += len(linears)
-    log.info("base weights: %d linears packed (%s)", count, "onednn" if kind == "auto" else kind)
+    log.info("base weights: %d linears packed (%s)", count, fmt)
     return count
 
 
@@ -176,21 +223,23 @@ def fastest(candidates: dict[str, Callable[[], object]], rounds: int = 3) -> str
     return min(medians, key=medians.__getitem__)
 
 
-def onednn_is_faster(
-    groups: Sequence[Sequence[torch.nn.Linear]], packs: Sequence[PackedLinear | None]
+def packed_is_faster(
+    groups: Sequence[Sequence[torch.nn.Linear]],
+    packs: Sequence[PackedLinear | None],
+    dtype: torch.dtype = torch.bfloat16,
 ) -> bool:
-    """Whether one row through these oneDNN-packed groups beats both plain single-row paths
-    (`torch.mv`, F.linear) over bf16 copies of the same weights (dropped after), timed here:
+    """Whether one row through these packed groups beats both plain single-row paths (`torch.mv`,
+    F.linear) over the same weights in the pool's `dtype` (copies, dropped after), timed here:
     which wins depends on the CPU."""
     with torch.no_grad():
-        fused = [torch.cat([m.weight.detach() for m in g]).to(torch.bfloat16) for g in groups]
-    rows = {w.shape[1]: torch.randn(1, w.shape[1]).to(torch.bfloat16) for w in fused}
+        fused = [torch.cat([m.weight.detach() for m in g]).to(dtype) for g in groups]
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]).to(dtype) for w in fused}
     candidates: dict[str, Callable[[], object]] = {
-        "onednn": lambda: [p(rows[p.in_features]) for p in packs if p is not None],
+        "packed": lambda: [p(rows[p.in_features]) for p in packs if p is not None],
         "mv": lambda: [torch.mv(w, rows[w.shape[1]][0]) for w in fused],
         "linear": lambda: [F.linear(rows[w.shape[1]], w) for w in fused],
     }
-    return fastest(candidates) == "onednn"
+    return fastest(candidates) == "packed"
 
 
 def packed_group(modules: Sequence[Any]) -> PackedLinear | None:
@@ -219,6 +268,6 @@ def packed_groups(model: Any) -> list[PackedLinear]:
 
 
 def layout(model: Any) -> str:
-    """How the model's decoder layers hold their base weights: "onednn", "int4" or "plain"."""
+    """How the model's decoder layers hold their base weights: "onednn", "int4", "bf16" or "plain"."""
     kinds = sorted({g.kind for g in packed_groups(model)})
     return "+".join(kinds) if kinds else "plain"
