@@ -169,11 +169,16 @@ def _coords(emb: np.ndarray) -> np.ndarray:
     return PCA(n_components=2, random_state=0).fit_transform(emb).astype(np.float32)
 
 
+def _since(spec: ProposalSpec, now: float | None) -> float | None:
+    """The window's start (unix seconds), or None for the whole log."""
+    return None if spec.since_hours is None else (now or time.time()) - 3600 * spec.since_hours
+
+
 def load_questions(
     log: QueryLog, spec: ProposalSpec, now: float | None = None
 ) -> tuple[list[dict], list[dict]]:
     """(every request in the window, the uncovered ones). Raises ProposalError on an empty window."""
-    since = None if spec.since_hours is None else (now or time.time()) - 3600 * spec.since_hours
+    since = _since(spec, now)
     rows = log.requests(since=since)
     if not rows:
         window = "" if since is None else f" in the last {spec.since_hours:g} h (proposals.since_hours)"
@@ -192,7 +197,7 @@ def propose_experts(app: AppConfig, log: QueryLog, encoder: Any, now: float | No
     """
     spec = _spec(app)
     rows, uncovered = load_questions(log, spec, now)
-    since = None if spec.since_hours is None else (now or time.time()) - 3600 * spec.since_hours
+    since = _since(spec, now)
     if len(rows) < spec.min_queries:
         raise ProposalError(
             f"the query log has only {len(rows)} request(s) in the window, fewer than "

@@ -164,3 +164,29 @@ def test_review_api_serves_the_clusters(tmp_path):
         app.include_router(review_router(log, clusters=lambda: summary))
         body = TestClient(app).get("/review/api/clusters").json()
     assert json.dumps(body["summary"]) == json.dumps(summary)
+
+
+def test_the_window_and_the_confidence_bar_pick_the_uncovered_questions(conf, tmp_path):
+    from serving.proposals import load_questions
+
+    now = 1_800_000_000.0
+    with _log(tmp_path) as log:
+        log.record({"prompt": "old fallback", "decision": "fallback", "ts": now - 48 * 3600})
+        log.record({"prompt": "new fallback", "decision": "fallback", "ts": now - 3600})
+        log.record({"prompt": "unsure route", "decision": "routed", "confidence": 0.4, "ts": now - 60})
+        log.record({"prompt": "sure route", "decision": "routed", "confidence": 0.8, "ts": now - 60})
+        log.record({"prompt": "forced", "decision": "forced", "model": "legal", "ts": now - 60})
+        log.flush()
+        app = compose(["proposals.since_hours=24", "proposals.max_confidence=0.5"])
+        rows, uncovered = load_questions(log, app.proposals, now=now)
+        assert len(rows) == 4 and [r["prompt"] for r in uncovered] == ["new fallback", "unsure route"]
+        wide = compose(["proposals.max_confidence=0.9"])
+        _, uncovered = load_questions(log, wide.proposals, now=now)
+        assert [r["prompt"] for r in uncovered] == [
+            "old fallback",
+            "new fallback",
+            "unsure route",
+            "sure route",
+        ]
+    with pytest.raises(ConfigError, match="proposals.min_queries 1 must be >= 2"):
+        compose(["proposals.min_queries=1"])
