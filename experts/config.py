@@ -46,7 +46,7 @@ def load_expert_file(path: Path) -> ExpertSpec:
     if extra:
         raise ConfigError(f"unknown top-level key(s) {extra} in {path}; allowed: {sorted(allowed)}")
     spec = build(ExpertSpec, raw["expert"], where=f"{path.name}:expert")
-    if spec.name != path.stem:
+    if spec.name != path.name.split(".")[0]:  # <slug>.yaml, or a draft <slug>.yaml.proposed
         raise ConfigError(
             f"expert name {spec.name!r} does not match its file name {path.name!r}; "
             f"rename one so both say the same slug"

@@ -448,6 +448,30 @@ class PathsSpec:
 
 
 @dataclass(frozen=True)
+class ProposalSpec:
+    """`moe propose-experts`: which logged questions count as uncovered, and how they are grouped.
+
+    The values live in conf/config.yaml (`proposals:`), each with the reason for it.
+    """
+
+    max_confidence: float  # routed/mixture answers under this router confidence are uncovered too
+    since_hours: float | None  # only requests of the last N hours; None: the whole log
+    min_queries: int  # the smallest cluster that becomes a proposal (HDBSCAN's min_cluster_size)
+    top_terms: int  # terms shown per cluster (the slug takes the first two)
+    representatives: int  # questions shown per cluster and written as the draft's examples
+
+    def __post_init__(self) -> None:
+        _check(0 < self.max_confidence <= 1, f"proposals.max_confidence {self.max_confidence} not in (0, 1]")
+        _check(
+            self.since_hours is None or self.since_hours > 0,
+            f"proposals.since_hours {self.since_hours} must be > 0 (or null for the whole log)",
+        )
+        _check(self.min_queries >= 2, f"proposals.min_queries {self.min_queries} must be >= 2")
+        _check(self.top_terms >= 1, f"proposals.top_terms {self.top_terms} must be >= 1")
+        _check(self.representatives >= 1, f"proposals.representatives {self.representatives} must be >= 1")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole resolved config of one `moe` command."""
 
@@ -459,6 +483,7 @@ class AppConfig:
     paths: PathsSpec
     experts: tuple[ExpertSpec, ...]  # every configured expert (conf/expert/*.yaml, minus disabled)
     expert: ExpertSpec | None = None  # the one a command acts on (expert=<slug>)
+    proposals: ProposalSpec | None = None  # `moe propose-experts` (conf/config.yaml)
 
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]

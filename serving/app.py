@@ -65,6 +65,7 @@ from serving.engine import (
     open_batch,
     paced,
 )
+from serving.proposals import load_summary
 from serving.querylog import QueryEntry, QueryLog, query_log_url
 from serving.review import review_router
 
@@ -285,8 +286,17 @@ def _review_labels() -> list[str] | None:
     return list(ingress.router.labels) if ingress is not None and ingress.router is not None else None
 
 
+def _review_clusters() -> dict[str, Any] | None:
+    ingress = _ingress()
+    return load_summary(ingress.config) if ingress is not None else None
+
+
 # The page itself is static HTML with no data in it; its JSON API checks the API key.
-api.include_router(review_router(_replica_log, _review_labels, dependencies=[Depends(_require_key)]))
+api.include_router(
+    review_router(
+        _replica_log, _review_labels, dependencies=[Depends(_require_key)], clusters=_review_clusters
+    )
+)
 
 
 @serve.deployment

@@ -123,6 +123,17 @@ COMMANDS: dict[str, Command] = {
         "Per-expert volume, acceptance, misroute and fallback rates, latency percentiles.",
         "moe stats [serve.log_db=...]",
     ),
+    "propose-experts": Command(
+        "serving.proposals:propose_experts_command",
+        "Cluster the questions no expert covered and draft an expert file per cluster.",
+        "moe propose-experts [proposals.min_queries=5] [proposals.max_confidence=0.5] "
+        "[proposals.since_hours=24]",
+        "Reads the query log (fallbacks, and routed answers under proposals.max_confidence), embeds the\n"
+        "questions with the router's MiniLM encoder and clusters them with HDBSCAN. Per cluster of\n"
+        ">= proposals.min_queries: size, share of traffic, top terms, representative questions and the\n"
+        "nearest expert. Drafts conf/expert/<slug>.yaml.proposed (never overwritten) and writes\n"
+        "artifacts/reports/proposals.{md,json,png}. Accept one: set its data.path, then `moe add-expert <slug>`.",
+    ),
     "sweep-report": Command(
         "experts.sweeps:sweep_report_command",
         "Tabulate a sweep directory's trials, sorted by validation perplexity.",
@@ -142,6 +153,7 @@ _TOP_KEYS = (
     "experts",
     "expert",
     "all_experts",
+    "proposals",
     "hydra",
 )
 _OVERRIDE_RE = re.compile(r"^[+~]{0,2}(" + "|".join(_TOP_KEYS) + r")(\.[\w.]+)?(@[\w.]+)?=")

@@ -26,15 +26,34 @@ def _slug_arg(ctx: Any, command: str) -> tuple[str, bool]:
     return args[0], "--force" in ctx.args
 
 
+def expert_file(slug: str) -> Path:
+    """conf/expert/<slug>.yaml, else the draft <slug>.yaml.proposed of `moe propose-experts`."""
+    files = expert_files()
+    if slug in files:
+        return files[slug]
+    draft = config_dir() / "expert" / f"{slug}.yaml.proposed"
+    if draft.exists():
+        return draft
+    raise ConfigError(
+        f"no {config_dir() / 'expert' / (slug + '.yaml')}; write it first "
+        f"(see README 'Add your own expert'); existing experts: {sorted(files)}"
+    )
+
+
+def accept_draft(slug: str) -> Path:
+    """A validated draft becomes conf/expert/<slug>.yaml (the `.proposed` name goes)."""
+    path = expert_file(slug)
+    if path.name.endswith(".proposed"):
+        target = path.with_name(f"{slug}.yaml")
+        path.rename(target)
+        print(f"accepted the proposal: {path.name} -> {target.name}")
+        return target
+    return path
+
+
 def validate_new_expert(slug: str, app: AppConfig, force: bool = False) -> ExpertSpec:
     """Everything that can be checked before any work starts, each failure one clear line."""
-    files = expert_files()
-    if slug not in files:
-        raise ConfigError(
-            f"no {config_dir() / 'expert' / (slug + '.yaml')}; write it first "
-            f"(see README 'Add your own expert'); existing experts: {sorted(files)}"
-        )
-    spec = load_expert_file(files[slug])  # unknown keys, slug vs file name, value ranges
+    spec = load_expert_file(expert_file(slug))  # unknown keys, slug vs file name, value ranges
     data = spec.data
     if data.source in ("folder", "jsonl"):
         if not data.path:
@@ -68,6 +87,7 @@ def add_expert(
     from router.train import train_router
 
     spec = validate_new_expert(slug, app, force)
+    accept_draft(slug)
     sub = compose([*overrides, f"expert={slug}"])
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -64,6 +64,7 @@ def review_router(
     experts: Iterable[str] | Callable[[], Iterable[str] | None] | None = None,
     prefix: str = "/review",
     dependencies: list[Any] | None = None,
+    clusters: Callable[[], dict[str, Any] | None] | None = None,
 ) -> Any:
     """A FastAPI router with the review page and its JSON API.
 
@@ -74,6 +75,7 @@ def review_router(
             (the labels change when a running endpoint adds an expert); None accepts any slug.
         prefix: where the page lives.
         dependencies: FastAPI dependencies run before each JSON route (the ingress checks API keys).
+        clusters: returns the last `moe propose-experts` summary (the fallback clusters), or None.
     """
     from fastapi import APIRouter, HTTPException
     from fastapi.responses import HTMLResponse
@@ -97,6 +99,10 @@ def review_router(
             raise HTTPException(400, f"limit {limit} must lie in [1, 500]")
         items = [_card(r) for r in current().review_queue(limit=limit, seed=seed)]
         return {"items": items, "experts": allowed(), "verdicts": list(VERDICTS)}
+
+    @router.get("/api/clusters", dependencies=deps)
+    def fallback_clusters() -> dict[str, Any]:
+        return {"summary": clusters() if clusters is not None else None}
 
     @router.post("/api/{request_id}", dependencies=deps)
     def review(request_id: str, body: ReviewIn) -> dict[str, Any]:

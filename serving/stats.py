@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
+from serving.proposals import load_summary
 from serving.querylog import QueryLog, open_query_log
 
 COLUMNS = (
@@ -93,4 +95,24 @@ def stats_command(app: Any, ctx: Any) -> list[dict[str, Any]]:
         where = log._safe_url()
     print(f"query log: {where}\n")
     print(format_table(stats))
+    print(f"\n{format_clusters(load_summary(app))}")
     return stats
+
+
+def format_clusters(summary: dict[str, Any] | None) -> str:
+    """The fallback clusters of the last `moe propose-experts` run (its proposals.json)."""
+    if summary is None:
+        return "fallback clusters: none yet (`moe propose-experts` groups the uncovered questions)"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary["created"]))
+    head = (
+        f"fallback clusters ({when}, `moe propose-experts`): {summary['uncovered']} of "
+        f"{summary['requests']} requests uncovered, {summary['noise']} of them noise"
+    )
+    lines = [head]
+    for c in summary["clusters"]:
+        near = f"{c['nearest_expert']} ({c['nearest_distance']:.2f})" if c["nearest_expert"] else "-"
+        lines.append(
+            f"  {c['slug']}: {c['size']} questions, {100 * c['share']:.1f}% of traffic, nearest {near}; "
+            f"{', '.join(c['top_terms'][:5])}"
+        )
+    return "\n".join(lines)

@@ -264,3 +264,25 @@ def test_review_in_the_browser_then_retraining_fixes_the_misroute(loop, tmp_path
     assert fixed.json()["routing"]["expert"] == "cook", fixed.json()["routing"]
     # the rest of the astronomy queries still go to toy
     assert _chat(url, "auto", " ".join(TOY_WORDS[:8])).json()["routing"]["expert"] == "toy"
+
+
+def test_the_review_api_serves_the_last_fallback_clusters(loop):
+    """What `moe propose-experts` wrote last (artifacts/reports/proposals.json) reaches /review."""
+    from serving.proposals import REPORT_NAME
+
+    url, app = loop["root"], loop["app"]
+    path = app.paths.reports_dir / f"{REPORT_NAME}.json"
+    assert httpx.get(f"{url}/review/api/clusters", timeout=30).json() == {"summary": None}
+    summary = {
+        "created": 1.0,
+        "requests": 9,
+        "uncovered": 6,
+        "noise": 1,
+        "clusters": [{"slug": "bees", "size": 5}],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary))
+    try:
+        assert httpx.get(f"{url}/review/api/clusters", timeout=30).json() == {"summary": summary}
+    finally:
+        path.unlink()

@@ -24,6 +24,7 @@ PROTECTED = [
     ("POST", "/v1/route", {"text": "copyright notice"}),
     ("POST", "/admin/reload", None),
     ("GET", "/review/api/queue", None),
+    ("GET", "/review/api/clusters", None),
     ("POST", "/review/api/0123456789abcdef", {"verdict": "accept", "reviewer": "ana"}),
 ]
 WRONG_KEY = "sk-moe-wrong-0f1e2d3c4b5a69788796a5b4"
