@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experts.config import compose
+from experts.hardware import machine_report
 from router.calibration import choose_threshold
 from router.features import EmbeddingCache, build_features, load_encoder
 from router.metrics import (
@@ -178,7 +179,15 @@ def main(overrides: list[str]) -> dict:
         )
     )
 
-    report = {"config": overrides, "labels": labels, "off_topic_key": OFF_TOPIC, "results": results}
+    machine = machine_report()  # CPU kind, flags and read bandwidth beside every figure
+    print(f"machine: {machine}")
+    report = {
+        "config": overrides,
+        "labels": labels,
+        "off_topic_key": OFF_TOPIC,
+        "machine": machine,
+        "results": results,
+    }
     print_table(results)
     out = app.paths.artifacts_dir / "bench" / "router.json"
     out.parent.mkdir(parents=True, exist_ok=True)

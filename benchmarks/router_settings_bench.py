@@ -18,6 +18,7 @@ import time
 import torch
 
 from experts.config import compose
+from experts.hardware import machine_report
 from router.features import CombinedFeatures, EmbeddingCache, build_features, load_encoder
 from router.metrics import (
     TEST_WINDOWS_PER_SIZE,
@@ -73,7 +74,9 @@ def main(settings: list[list[str]]) -> list[dict]:
     CombinedFeatures.EMBED_WEIGHT = default_weight
     out = app.paths.artifacts_dir / "bench" / "router_settings.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    machine = machine_report()  # CPU kind, flags and read bandwidth beside every figure
+    print(f"machine: {machine}")
+    out.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
     print(f"saved {out}")
     return results
 
