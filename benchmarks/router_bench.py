@@ -15,7 +15,6 @@ Needs the corpora (`moe data expert=all`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -24,8 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from experts.config import compose
+from experts.hardware import machine_report
 from router.calibration import choose_threshold
-from router.features import SentenceEncoder, build_features, load_encoder
+from router.features import EmbeddingCache, build_features, load_encoder
 from router.metrics import (
     OFF_TOPIC,
     TEST_WINDOWS_PER_SIZE,
@@ -41,22 +41,6 @@ from router.train import fit_router, router_examples
 
 NN_TOP_K = 5  # semantic-router scores a route by its top-k most similar utterances
 NN_UTTERANCES = 2000  # per expert: the "utterances" of each route
-
-
-class CachedEncoder:
-    """The real encoder behind a text -> vector memo, so four pipelines embed each text once."""
-
-    def __init__(self, encoder: SentenceEncoder):
-        self.encoder = encoder
-        self.cache: dict[str, np.ndarray] = {}
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
-        missing_texts = {k: t for k, t in zip(keys, texts, strict=True) if k not in self.cache}
-        if missing_texts:
-            vectors = self.encoder.encode(list(missing_texts.values()))
-            self.cache.update(zip(missing_texts, vectors, strict=True))
-        return np.stack([self.cache[k] for k in keys])
 
 
 class NearestNeighbourRouter:
@@ -146,7 +130,7 @@ def main(overrides: list[str]) -> dict:
         flush=True,
     )
     real = load_encoder(app.router.encoder_package, app.paths.downloads_dir)
-    cached = CachedEncoder(real)
+    cached = EmbeddingCache(real)
     torch.set_num_threads(2)
     questions_flat = [q for qs in questions.values() for q in qs]
     cached.encode(
@@ -195,7 +179,15 @@ def main(overrides: list[str]) -> dict:
         )
     )
 
-    report = {"config": overrides, "labels": labels, "off_topic_key": OFF_TOPIC, "results": results}
+    machine = machine_report()  # CPU kind, flags and read bandwidth beside every figure
+    print(f"machine: {machine}")
+    report = {
+        "config": overrides,
+        "labels": labels,
+        "off_topic_key": OFF_TOPIC,
+        "machine": machine,
+        "results": results,
+    }
     print_table(results)
     out = app.paths.artifacts_dir / "bench" / "router.json"
     out.parent.mkdir(parents=True, exist_ok=True)

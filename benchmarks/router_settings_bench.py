@@ -4,7 +4,7 @@ overrides, refitted on the same windows and scored on the same test windows and 
     .venv/bin/python benchmarks/router_settings_bench.py "" router.c=8 router.max_windows_per_expert=6000
     .venv/bin/python benchmarks/router_settings_bench.py embed_weight=3   # CombinedFeatures.EMBED_WEIGHT
 
-MiniLM embeddings are computed once per text and reused (router_bench.CachedEncoder), so a row
+MiniLM embeddings are computed once per text and reused (router.features.EmbeddingCache), so a row
 after the first costs only its fit. Prints one JSON line per setting; saves
 artifacts/bench/router_settings.json. Needs the corpora (`moe data expert=all`).
 """
@@ -16,10 +16,10 @@ import sys
 import time
 
 import torch
-from router_bench import CachedEncoder
 
 from experts.config import compose
-from router.features import CombinedFeatures, build_features, load_encoder
+from experts.hardware import machine_report
+from router.features import CombinedFeatures, EmbeddingCache, build_features, load_encoder
 from router.metrics import (
     TEST_WINDOWS_PER_SIZE,
     TEST_WORDS,
@@ -40,7 +40,7 @@ def main(settings: list[list[str]]) -> list[dict]:
     labels = routable_labels(app)
     questions = load_natural_questions()
     tests = {w: test_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
-    cached = CachedEncoder(load_encoder(app.router.encoder_package, app.paths.downloads_dir))
+    cached = EmbeddingCache(load_encoder(app.router.encoder_package, app.paths.downloads_dir))
     torch.set_num_threads(2)
     default_weight = CombinedFeatures.EMBED_WEIGHT
     examples: dict[tuple, tuple] = {}
@@ -74,7 +74,9 @@ def main(settings: list[list[str]]) -> list[dict]:
     CombinedFeatures.EMBED_WEIGHT = default_weight
     out = app.paths.artifacts_dir / "bench" / "router_settings.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    machine = machine_report()  # CPU kind, flags and read bandwidth beside every figure
+    print(f"machine: {machine}")
+    out.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
     print(f"saved {out}")
     return results
 

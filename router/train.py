@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from tqdm.auto import tqdm
 
 from experts.errors import ConfigError
 from experts.schema import AppConfig, RouterSpec
@@ -27,9 +28,14 @@ from router.calibration import choose_threshold, expected_calibration_error, fit
 from router.data import Examples, background_examples, expert_examples, feedback_examples, feedback_path
 from router.features import (
     ENCODER_MAX_TOKENS,
+    CombinedFeatures,
+    EmbeddingCache,
+    EmbedFeatures,
     Features,
+    SentenceEncoder,
     TunedFeatures,
     build_features,
+    embedding_cache_file,
     encoder_dtype,
     featurize,
 )
@@ -43,6 +49,7 @@ PROTOTYPES_PER_CLASS = 1000  # training embeddings kept for the nearest-neighbou
 # The similarity floor lets this share of in-domain validation queries (8+ words) fall below it.
 IN_DOMAIN_MISS_RATE = 0.01
 SIMILARITY_MIN_WORDS = 8
+EMBEDDING_CACHE_DIR = "cache/router_embeddings"  # under paths.artifacts: frozen-encoder vectors by text hash
 
 
 def _targets(classes: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -115,12 +122,24 @@ def fit_router(
     features: Features,
     *,
     distance: bool = True,
+    progress: bool = True,
 ) -> tuple[Router, dict[str, Any]]:
     """Fit features + classifier on `train`, calibrate and choose thresholds on `validation`.
 
     Examples labelled BACKGROUND form the internal out-of-domain class. Returns the router and
-    the validation metrics it was tuned to.
+    the validation metrics it was tuned to. `progress`: a bar over the stages (the embedding
+    passes show their own).
     """
+    stages = ["vocabulary", "training features", "classifier", "validation features", "calibration"]
+    bar = tqdm(total=len(stages), desc="router: fit", unit="stage", disable=not progress)
+
+    def stage(done: bool = True) -> None:
+        if done:
+            bar.update(1)
+        if bar.n < len(stages):
+            bar.set_postfix_str(stages[bar.n])
+
+    stage(done=False)
     labels = list(labels)
     unknown = sorted(set(train.labels) - {*labels, BACKGROUND})
     if unknown:
@@ -129,12 +148,14 @@ def fit_router(
     classes = labels + ([BACKGROUND] if background else [])
     started = time.perf_counter()
     features.fit(train.texts)
+    stage()
     y = _targets(classes, train.labels)
     weights = np.asarray(train.weights, dtype=np.float64)  # feedback rows weigh more than a window
     tuned = isinstance(features, TunedFeatures)
     # The tuned pipeline's own features are its classifiers' outputs: they are trained on TF-IDF
     # (purified against it) first; its training embeddings are needed only for the prototypes.
     x, emb = (features.tfidf.transform(train.texts), None) if tuned else featurize(features, train.texts)
+    stage()
     fit_rows = (
         purify_background(x, y, len(labels), spec.background_purify)
         if background
@@ -161,7 +182,9 @@ def fit_router(
             "finetune_seconds": result.seconds,
             "finetune_device": result.device,
         }
+        stage()
         xv, embv = featurize(features, validation.texts)
+        stage()
         mix = spec.finetune.mix
         if mix is None:
             mix = _choose_mix(xv, _targets(classes, validation.labels), len(labels), len(classes))
@@ -183,7 +206,9 @@ def fit_router(
 
     # --- calibration on validation windows -------------------------------------------------
     if not tuned:
+        stage()
         xv, embv = featurize(features, validation.texts)
+        stage()
     logits = router.logits(xv)
     yv = _targets(classes, validation.labels)
     raw_probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -214,6 +239,8 @@ def fit_router(
     else:
         router.threshold = choose_threshold(conf[keep], correct[keep], spec.target_accuracy)
     accepted = keep & (conf >= router.threshold)
+    stage()
+    bar.close()
     raw_conf = raw_probs.max(1)
     metrics: dict[str, Any] = {
         "validation_examples": int(len(yv)),
@@ -268,6 +295,35 @@ def router_examples(app: AppConfig, labels: Sequence[str]) -> tuple[Examples, Ex
     return train, validation
 
 
+def _frozen_embed(features: Features) -> EmbedFeatures | None:
+    """The frozen-encoder part of a pipeline (`embed`, `combined`), else None."""
+    embed = features.embed if isinstance(features, CombinedFeatures) else features
+    return embed if isinstance(embed, EmbedFeatures) else None
+
+
+def _cache_embeddings(app: AppConfig, features: Features) -> EmbeddingCache | None:
+    """Put an on-disk embedding cache in front of a frozen encoder (pipelines `embed`, `combined`);
+    the tuned pipeline trains its encoder, so its vectors are never cached."""
+    embed = _frozen_embed(features)
+    if embed is None or app.router.encoder_package is None:
+        return None
+    encoder = embed.encoder
+    if not isinstance(encoder, SentenceEncoder):  # already behind a memo (a benchmark's)
+        return None
+    path = embedding_cache_file(
+        app.paths.artifacts_dir / EMBEDDING_CACHE_DIR, app.router.encoder_package, encoder
+    )
+    cache = EmbeddingCache(encoder, path)
+    embed.encoder = cache
+    return cache
+
+
+def _uncache(features: Features, cache: EmbeddingCache) -> None:
+    embed = _frozen_embed(features)
+    if embed is not None:
+        embed.encoder = cache.encoder
+
+
 def train_router(app: AppConfig) -> tuple[Router, dict[str, Any]]:
     """Train, calibrate and save the router for the configured routable experts."""
     labels = routable_labels(app)
@@ -286,7 +342,12 @@ def train_router(app: AppConfig) -> tuple[Router, dict[str, Any]]:
     counts = {label: train.labels.count(label) for label in sorted(set(train.labels))}
     log.info("router training examples: %s", counts)
     features = build_features(spec.pipeline, spec.encoder_package, app.paths.downloads_dir)
+    cache = _cache_embeddings(app, features)
     router, metrics = fit_router(labels, train, validation, spec, features)
+    if cache is not None:
+        cache.save()
+        _uncache(features, cache)  # the router keeps the bare encoder: no memo growing while it serves
+        metrics["embedding_cache"] = {"hits": cache.hits, "misses": cache.misses}
     metrics["feedback_rows"] = feedback["used"]  # reviewed misroutes trained on (include_feedback)
     metrics["feedback_rows_skipped"] = feedback["skipped"]  # their label is not a routable expert
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
