@@ -17,6 +17,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +216,41 @@ def _config_record(app: AppConfig, spec: ExpertSpec) -> dict[str, Any]:
     }
 
 
-def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train `spec`'s adapter into `out_dir` and return its metrics (also written to metrics.json)."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning-rate multiplier at `step` of `total` (transformers' cosine/linear/constant
+    schedules). `total` may change while training runs: a time budget re-plans it every step."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def steps_that_fit(step: int, done_this_run: int, elapsed: float, budget_s: float, steps: int) -> int:
+    """The last step a time budget allows: steps done so far plus as many more as fit in what is
+    left, at this run's mean seconds per step so far (validation included); never below `step`."""
+    per_step = elapsed / max(1, done_this_run)
+    more = math.floor((budget_s - elapsed) / per_step) if per_step > 0 else steps
+    return max(step, min(steps, step + more))
+
+
+def train_expert(
+    app: AppConfig,
+    spec: ExpertSpec,
+    out_dir: Path,
+    progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Train `spec`'s adapter into `out_dir` and return its metrics (also written to metrics.json).
+
+    With `train.max_minutes` the training loop (validation included) stops before a step that would
+    not fit in the budget, with the learning-rate schedule re-planned to end there; `clock` is
+    injectable so tests can make the budget deterministic.
+    """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import get_scheduler
 
     t, lcfg = app.train, app.lora
     torch.manual_seed(t.seed)
@@ -243,8 +275,9 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         ) from exc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = get_scheduler(
-        t.schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
+    plan = [t.steps]  # the step training ends at; a time budget lowers it as it measures steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, plan[0], t.warmup_steps, t.schedule)
     )
     autocast = torch.autocast(
         device_type="cuda" if device == "cuda" else "cpu", dtype=dtype, enabled=dtype != torch.float32
@@ -285,10 +318,11 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
     order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed))
     per_step = t.batch_size * t.grad_accum
     model.train()
-    start = time.perf_counter()
+    start, first_step = clock(), step
+    budget_s = None if t.max_minutes is None else t.max_minutes * 60
     bar = tqdm(total=t.steps, initial=step, desc=f"train {spec.name}", disable=not progress, unit="step")
     stopped_early = False
-    while step < t.steps:
+    while step < plan[0]:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(t.grad_accum):
@@ -309,7 +343,13 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         history["train_loss"].append([step, round(loss_sum, 5)])
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         bar.update(1)
-        if step % t.eval_every == 0 or step == t.steps:
+        if budget_s is not None:
+            plan[0] = steps_that_fit(step, step - first_step, clock() - start, budget_s, t.steps)
+            if step == plan[0] < t.steps:
+                bar.write(
+                    f"  time budget of {t.max_minutes:g} min reached: stopping at step {step} of {t.steps}"
+                )
+        if step % t.eval_every == 0 or step == plan[0]:
             val_ppl = evaluate(data.val)
             history["val"].append([step, round(math.log(val_ppl), 5), round(val_ppl, 4)])
             bar.write(f"  step {step}: validation perplexity {val_ppl:.3f}")
@@ -321,7 +361,7 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
             if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
                 bar.write(f"  early stop at step {step}: no improvement in {bad_evals} evaluations")
                 stopped_early = True
-        if step % t.save_every == 0 and step < t.steps and not stopped_early:
+        if step % t.save_every == 0 and step < plan[0] and not stopped_early:
             _save_checkpoint(
                 ckpt,
                 model,
@@ -332,7 +372,7 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         if stopped_early:
             break
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     set_peft_model_state_dict(model, best_state)  # keep the best validation checkpoint
 
     test_expert = evaluate(data.test)
@@ -341,7 +381,10 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         "expert": spec.name,
         "profile": t.profile,
         "steps": step,
+        "planned_steps": t.steps,
         "stopped_early": stopped_early,
+        "max_minutes": t.max_minutes,
+        "stopped_by_budget": step < t.steps and not stopped_early,
         "resumed_from_step": resumed,
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(1, step - (resumed or 0)), 3),
@@ -426,9 +469,11 @@ legal). It inherits the base model's limitations and the biases of its corpus.
 def _train_one(app: AppConfig, spec: ExpertSpec, out_dir: Path) -> dict[str, Any]:
     m = train_expert(app, spec, out_dir)
     tp = m["test_perplexity"]
+    budget = f" (time budget {m['max_minutes']:g} min)" if m["stopped_by_budget"] else ""
     print(
         f"{spec.name}: test perplexity {tp['base']:.2f} (base) -> {tp['expert']:.2f} (expert), "
-        f"ratio {m['test_ratio']:.3f}, {m['steps']} steps in {m['seconds']:.0f} s -> {out_dir}"
+        f"ratio {m['test_ratio']:.3f}, {m['steps']} of {m['planned_steps']} steps{budget} "
+        f"in {m['seconds']:.0f} s -> {out_dir}"
     )
     return m
 
