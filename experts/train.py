@@ -9,6 +9,7 @@ In a sweep (-m) each trial writes into its own trial directory instead.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -207,6 +208,35 @@ def _load_checkpoint(ckpt: Path, model: Any, optimizer: torch.optim.Optimizer) -
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+def _base_key(app: AppConfig, blocks: torch.Tensor, dtype: torch.dtype) -> str:
+    """What the base model's perplexity on `blocks` depends on: the model, the tokens, the precision."""
+    payload = json.dumps(
+        [dataclasses.asdict(app.base_model), str(dtype), app.train.batch_size, list(blocks.shape)],
+        sort_keys=True,
+        default=str,
+    ).encode()
+    return hashlib.sha256(payload + blocks.numpy().tobytes()).hexdigest()[:20]
+
+
+def _base_cache(app: AppConfig, key: str) -> Path:
+    return app.paths.artifacts_dir / "cache" / "base_perplexity" / f"{key}.json"
+
+
+def _cached_base_perplexity(app: AppConfig, key: str) -> float | None:
+    try:
+        return float(json.loads(_base_cache(app, key).read_text())["perplexity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or unreadable: compute it again
+
+
+def _save_base_perplexity(app: AppConfig, key: str, value: float) -> None:
+    path = _base_cache(app, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.part")
+    staged.write_text(json.dumps({"perplexity": value}))
+    os.replace(staged, path)  # parallel trainers (Ray) may write the same key: last one wins, same value
+
+
 def _config_record(app: AppConfig, spec: ExpertSpec) -> dict[str, Any]:
     return {
         "expert": dataclasses.asdict(spec),
@@ -277,17 +307,22 @@ def train_expert(
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     plan = [t.steps]  # the step training ends at; a time budget lowers it as it measures steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, plan[0], t.warmup_steps, t.schedule)
+        # warm-up is at most a quarter of the plan: a budget that allows 4 steps must not spend them at lr ~0
+        optimizer,
+        lambda s: lr_factor(s, plan[0], min(t.warmup_steps, plan[0] // 4), t.schedule),
     )
     autocast = torch.autocast(
         device_type="cuda" if device == "cuda" else "cpu", dtype=dtype, enabled=dtype != torch.float32
     )
 
-    def evaluate(blocks: torch.Tensor, adapter: bool = True) -> float:
+    def evaluate(blocks: torch.Tensor, adapter: bool = True, bar: Any = None) -> float:
         model.eval()
 
         def fwd(ids: torch.Tensor, mask: torch.Tensor, rows: slice) -> torch.Tensor:
-            return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            if bar is not None:
+                bar.update(1)
+            return logits
 
         with torch.inference_mode(), autocast:
             if adapter:
@@ -375,8 +410,15 @@ def train_expert(
     seconds = clock() - start
     set_peft_model_state_dict(model, best_state)  # keep the best validation checkpoint
 
-    test_expert = evaluate(data.test)
-    test_base = evaluate(data.test, adapter=False)
+    base_key = _base_key(app, data.test, dtype)
+    test_base = _cached_base_perplexity(app, base_key)
+    base_cached = test_base is not None
+    batches = math.ceil(len(data.test) / t.batch_size) * (2 if test_base is None else 1)
+    with tqdm(total=batches, desc=f"held-out {spec.name}", unit="batch", disable=not progress) as ebar:
+        test_expert = evaluate(data.test, bar=ebar)
+        if test_base is None:  # the base model's figure depends only on the blocks: computed once
+            test_base = evaluate(data.test, adapter=False, bar=ebar)
+            _save_base_perplexity(app, base_key, test_base)
     metrics = {
         "expert": spec.name,
         "profile": t.profile,
@@ -395,6 +437,7 @@ def train_expert(
         "best_val_perplexity": round(best, 4),
         "test_perplexity": {"expert": round(test_expert, 4), "base": round(test_base, 4)},
         "test_ratio": round(test_expert / test_base, 4),
+        "base_perplexity_cached": base_cached,  # artifacts/cache/base_perplexity: same blocks, same base
         "test_tokens": int(data.test.numel()),
         "history": history,
     }

@@ -188,3 +188,18 @@ def test_budget_plan_counts_the_steps_that_still_fit():
     assert steps_that_fit(step=5, done_this_run=5, elapsed=59.0, budget_s=60.0, steps=30) == 5
     # over budget already (e.g. a slow validation): stop here, never before the current step
     assert steps_that_fit(step=5, done_this_run=1, elapsed=90.0, budget_s=60.0, steps=30) == 5
+
+
+def test_base_perplexity_is_computed_once_per_set_of_blocks(tiny, tmp_path):
+    first = train_expert(tiny, tiny.expert, tmp_path / "a", progress=False)
+    assert not first["base_perplexity_cached"]
+    cached = list((tiny.paths.artifacts_dir / "cache" / "base_perplexity").glob("*.json"))
+    assert len(cached) == 1
+    # a second expert trained on the same blocks reads the figure instead of computing it
+    cached[0].write_text(json.dumps({"perplexity": 12345.0}))
+    second = train_expert(tiny, tiny.expert, tmp_path / "b", progress=False)
+    assert second["base_perplexity_cached"] and second["test_perplexity"]["base"] == 12345.0
+    # other blocks (fewer test batches) are another key: computed, and equal to the first run's
+    fewer = compose(["base_model=tiny", "train=tiny", "expert=biomedical", "train.test_batches=1"])
+    third = train_expert(fewer, fewer.expert, tmp_path / "c", progress=False)
+    assert not third["base_perplexity_cached"] and third["test_perplexity"]["base"] != 12345.0
