@@ -1,6 +1,8 @@
 """Seconds per LoRA training step, fp32 vs bf16 autocast, side by side in one run (median of repeats).
 
     .venv/bin/python benchmarks/train_step_bench.py [expert=python_docs] [train.batch_size=8] ...
+    env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/python ...
+        (a CPU without native bf16, imitated: experts.hardware.AVX2_ENV; bandwidth is not imitated)
 
 Saves artifacts/bench/train_step.json. Uses the expert's real corpus and the configured base model.
 """
@@ -16,6 +18,7 @@ import torch
 
 from experts.base_model import load_base_model, load_tokenizer
 from experts.config import compose
+from experts.hardware import machine_report
 from experts.train import domain_blocks
 
 
@@ -38,7 +41,8 @@ def main(overrides: list[str]) -> dict:
         ),
     )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr)
-    result = {
+    result: dict = {
+        "machine": machine_report(),  # CPU kind, flags and read bandwidth beside every figure
         "threads": torch.get_num_threads(),
         "batch": f"{t.batch_size}x{t.seq_len}",
         "lora_r": lcfg.r,

@@ -15,8 +15,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from experts.errors import DataError
 from experts.schema import PackageRef
@@ -80,8 +83,15 @@ def fetch(ref: PackageRef, downloads: Path) -> Path:
     if not files:
         target_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target_dir.parent) as tmp:
+            # the registry clients run quietly: one line before and one after says what is going on
+            print(f"fetching {ref.pin} from {ref.registry} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
             _download(ref, Path(tmp))
             got = [p for p in Path(tmp).iterdir() if p.is_file()]
+            size = sum(p.stat().st_size for p in got) / 2**20
+            print(
+                f"fetched {ref.pin}: {size:.0f} MiB in {time.perf_counter() - start:.0f} s", file=sys.stderr
+            )
             if len(got) != 1:
                 raise DataError(
                     f"fetching {ref.pin} gave {len(got)} files, expected 1: {[p.name for p in got]}"
@@ -121,9 +131,9 @@ def unpack(ref: PackageRef, downloads: Path, members: str | None = None) -> Path
     try:
         if name.endswith((".whl", ".zip")):
             with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    if members is None or info.filename.startswith(members):
-                        zf.extract(info, staged)
+                wanted = [i for i in zf.infolist() if members is None or i.filename.startswith(members)]
+                for info in tqdm(wanted, desc=f"unpack {ref.name}", unit="file", disable=len(wanted) < 500):
+                    zf.extract(info, staged)
         elif name.endswith(".deb"):
             _run(["dpkg-deb", "-x", str(archive), str(staged)], staged, ref.pin)
         elif name.endswith((".tgz", ".tar.gz")):

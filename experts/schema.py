@@ -304,6 +304,9 @@ class TrainSpec:
     early_stopping_patience: int = 3  # evaluations without improvement before stopping (0 = off)
     save_every: int = 20  # checkpoint interval for resume
     max_train_blocks: int | None = None  # cap on training blocks (None = all)
+    # Time budget of the training loop (validation included, the final test evaluation not): it
+    # stops before a step that would not fit and ends the lr schedule there. None: `steps` decide.
+    max_minutes: float | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     include_feedback: bool = False  # add reviewed corrections (artifacts/feedback/<slug>.jsonl)
@@ -323,6 +326,10 @@ class TrainSpec:
         ):
             _check(getattr(self, key) > 0, f"train.{key} {getattr(self, key)} must be > 0")
         _check(self.lr > 0, f"train.lr {self.lr} must be > 0")
+        _check(
+            self.max_minutes is None or self.max_minutes > 0,
+            f"train.max_minutes {self.max_minutes} must be > 0",
+        )
 
 
 @dataclass(frozen=True)

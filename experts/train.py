@@ -9,6 +9,7 @@ In a sweep (-m) each trial writes into its own trial directory instead.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,35 @@ def _load_checkpoint(ckpt: Path, model: Any, optimizer: torch.optim.Optimizer) -
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+def _base_key(app: AppConfig, blocks: torch.Tensor, dtype: torch.dtype) -> str:
+    """What the base model's perplexity on `blocks` depends on: the model, the tokens, the precision."""
+    payload = json.dumps(
+        [dataclasses.asdict(app.base_model), str(dtype), app.train.batch_size, list(blocks.shape)],
+        sort_keys=True,
+        default=str,
+    ).encode()
+    return hashlib.sha256(payload + blocks.numpy().tobytes()).hexdigest()[:20]
+
+
+def _base_cache(app: AppConfig, key: str) -> Path:
+    return app.paths.artifacts_dir / "cache" / "base_perplexity" / f"{key}.json"
+
+
+def _cached_base_perplexity(app: AppConfig, key: str) -> float | None:
+    try:
+        return float(json.loads(_base_cache(app, key).read_text())["perplexity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or unreadable: compute it again
+
+
+def _save_base_perplexity(app: AppConfig, key: str, value: float) -> None:
+    path = _base_cache(app, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.part")
+    staged.write_text(json.dumps({"perplexity": value}))
+    os.replace(staged, path)  # parallel trainers (Ray) may write the same key: last one wins, same value
+
+
 def _config_record(app: AppConfig, spec: ExpertSpec) -> dict[str, Any]:
     return {
         "expert": dataclasses.asdict(spec),
@@ -215,10 +246,41 @@ def _config_record(app: AppConfig, spec: ExpertSpec) -> dict[str, Any]:
     }
 
 
-def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train `spec`'s adapter into `out_dir` and return its metrics (also written to metrics.json)."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning-rate multiplier at `step` of `total` (transformers' cosine/linear/constant
+    schedules). `total` may change while training runs: a time budget re-plans it every step."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def steps_that_fit(step: int, done_this_run: int, elapsed: float, budget_s: float, steps: int) -> int:
+    """The last step a time budget allows: steps done so far plus as many more as fit in what is
+    left, at this run's mean seconds per step so far (validation included); never below `step`."""
+    per_step = elapsed / max(1, done_this_run)
+    more = math.floor((budget_s - elapsed) / per_step) if per_step > 0 else steps
+    return max(step, min(steps, step + more))
+
+
+def train_expert(
+    app: AppConfig,
+    spec: ExpertSpec,
+    out_dir: Path,
+    progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Train `spec`'s adapter into `out_dir` and return its metrics (also written to metrics.json).
+
+    With `train.max_minutes` the training loop (validation included) stops before a step that would
+    not fit in the budget, with the learning-rate schedule re-planned to end there; `clock` is
+    injectable so tests can make the budget deterministic.
+    """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import get_scheduler
 
     t, lcfg = app.train, app.lora
     torch.manual_seed(t.seed)
@@ -243,18 +305,24 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         ) from exc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = get_scheduler(
-        t.schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
+    plan = [t.steps]  # the step training ends at; a time budget lowers it as it measures steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        # warm-up is at most a quarter of the plan: a budget that allows 4 steps must not spend them at lr ~0
+        optimizer,
+        lambda s: lr_factor(s, plan[0], min(t.warmup_steps, plan[0] // 4), t.schedule),
     )
     autocast = torch.autocast(
         device_type="cuda" if device == "cuda" else "cpu", dtype=dtype, enabled=dtype != torch.float32
     )
 
-    def evaluate(blocks: torch.Tensor, adapter: bool = True) -> float:
+    def evaluate(blocks: torch.Tensor, adapter: bool = True, bar: Any = None) -> float:
         model.eval()
 
         def fwd(ids: torch.Tensor, mask: torch.Tensor, rows: slice) -> torch.Tensor:
-            return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            if bar is not None:
+                bar.update(1)
+            return logits
 
         with torch.inference_mode(), autocast:
             if adapter:
@@ -285,10 +353,11 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
     order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed))
     per_step = t.batch_size * t.grad_accum
     model.train()
-    start = time.perf_counter()
+    start, first_step = clock(), step
+    budget_s = None if t.max_minutes is None else t.max_minutes * 60
     bar = tqdm(total=t.steps, initial=step, desc=f"train {spec.name}", disable=not progress, unit="step")
     stopped_early = False
-    while step < t.steps:
+    while step < plan[0]:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(t.grad_accum):
@@ -309,7 +378,13 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         history["train_loss"].append([step, round(loss_sum, 5)])
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         bar.update(1)
-        if step % t.eval_every == 0 or step == t.steps:
+        if budget_s is not None:
+            plan[0] = steps_that_fit(step, step - first_step, clock() - start, budget_s, t.steps)
+            if step == plan[0] < t.steps:
+                bar.write(
+                    f"  time budget of {t.max_minutes:g} min reached: stopping at step {step} of {t.steps}"
+                )
+        if step % t.eval_every == 0 or step == plan[0]:
             val_ppl = evaluate(data.val)
             history["val"].append([step, round(math.log(val_ppl), 5), round(val_ppl, 4)])
             bar.write(f"  step {step}: validation perplexity {val_ppl:.3f}")
@@ -321,7 +396,7 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
             if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
                 bar.write(f"  early stop at step {step}: no improvement in {bad_evals} evaluations")
                 stopped_early = True
-        if step % t.save_every == 0 and step < t.steps and not stopped_early:
+        if step % t.save_every == 0 and step < plan[0] and not stopped_early:
             _save_checkpoint(
                 ckpt,
                 model,
@@ -332,16 +407,26 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         if stopped_early:
             break
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     set_peft_model_state_dict(model, best_state)  # keep the best validation checkpoint
 
-    test_expert = evaluate(data.test)
-    test_base = evaluate(data.test, adapter=False)
+    base_key = _base_key(app, data.test, dtype)
+    test_base = _cached_base_perplexity(app, base_key)
+    base_cached = test_base is not None
+    batches = math.ceil(len(data.test) / t.batch_size) * (2 if test_base is None else 1)
+    with tqdm(total=batches, desc=f"held-out {spec.name}", unit="batch", disable=not progress) as ebar:
+        test_expert = evaluate(data.test, bar=ebar)
+        if test_base is None:  # the base model's figure depends only on the blocks: computed once
+            test_base = evaluate(data.test, adapter=False, bar=ebar)
+            _save_base_perplexity(app, base_key, test_base)
     metrics = {
         "expert": spec.name,
         "profile": t.profile,
         "steps": step,
+        "planned_steps": t.steps,
         "stopped_early": stopped_early,
+        "max_minutes": t.max_minutes,
+        "stopped_by_budget": step < t.steps and not stopped_early,
         "resumed_from_step": resumed,
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(1, step - (resumed or 0)), 3),
@@ -352,6 +437,7 @@ def train_expert(app: AppConfig, spec: ExpertSpec, out_dir: Path, progress: bool
         "best_val_perplexity": round(best, 4),
         "test_perplexity": {"expert": round(test_expert, 4), "base": round(test_base, 4)},
         "test_ratio": round(test_expert / test_base, 4),
+        "base_perplexity_cached": base_cached,  # artifacts/cache/base_perplexity: same blocks, same base
         "test_tokens": int(data.test.numel()),
         "history": history,
     }
@@ -426,9 +512,11 @@ legal). It inherits the base model's limitations and the biases of its corpus.
 def _train_one(app: AppConfig, spec: ExpertSpec, out_dir: Path) -> dict[str, Any]:
     m = train_expert(app, spec, out_dir)
     tp = m["test_perplexity"]
+    budget = f" (time budget {m['max_minutes']:g} min)" if m["stopped_by_budget"] else ""
     print(
         f"{spec.name}: test perplexity {tp['base']:.2f} (base) -> {tp['expert']:.2f} (expert), "
-        f"ratio {m['test_ratio']:.3f}, {m['steps']} steps in {m['seconds']:.0f} s -> {out_dir}"
+        f"ratio {m['test_ratio']:.3f}, {m['steps']} of {m['planned_steps']} steps{budget} "
+        f"in {m['seconds']:.0f} s -> {out_dir}"
     )
     return m
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -46,37 +47,39 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
     mixed_rows = ["routed", "mixture", "mixture_context"]
     result: dict[str, dict[str, float]] = {m: {} for m in [*models, *mixed_rows]}
     picks: dict[str, dict[str, int]] = {}
-    steps = len(domains) * (len(models) + len(mixed_rows))
-    bar = tqdm(total=steps, desc="eval perplexity", disable=not progress)
+    # one tick per forward batch: on a CPU without bf16 one model on one domain takes a minute
+    per_domain = len(models) + (2 if router is not None else 0)  # the two mixtures share one forward
+    total = len(domains) * per_domain * math.ceil(n_blocks / batch)
+    bar = tqdm(total=total, desc="eval perplexity", unit="batch", disable=not progress)
     for domain in domains:
         blocks = domain_blocks(domain, app, tok, "test", n_blocks)
         for model in models:
+            bar.set_postfix_str(f"{model} on {domain}")
             nll = block_nll(
-                lambda ids, mask, rows, m=model: pool.forward(ids, mask, [m] * len(ids)).logits, blocks, batch
+                lambda ids, mask, rows, m=model: _ticked(bar, pool.forward(ids, mask, [m] * len(ids)).logits),
+                blocks,
+                batch,
             )
             result[model][domain] = round(perplexity(nll), 4)
-            bar.update(1)
         if router is None:
-            bar.update(len(mixed_rows))
             continue
+        bar.set_postfix_str(f"routed/mixtures on {domain}")
         texts = tok.batch_decode(blocks, skip_special_tokens=True)
         top1 = [d.expert for d in router.decide(texts, policy="top1")]
         mix = router.mixture_weights(texts)  # no fallback model: routed has none either
         picks[domain] = {e: top1.count(e) for e in sorted(set(top1))}
         routed = [{e: 1.0} for e in top1]
         nll = block_nll(
-            lambda ids, mask, rows, r=routed: pool.mixture_logprobs(ids, mask, r[rows]),
+            lambda ids, mask, rows, r=routed: _ticked(bar, pool.mixture_logprobs(ids, mask, r[rows])),
             blocks,
             batch,
             logprobs=True,
         )
         result["routed"][domain] = round(perplexity(nll), 4)
-        bar.update(1)
         for name, nll in zip(
-            ("mixture", "mixture_context"), _mixture_nlls(pool, blocks, mix, batch), strict=True
+            ("mixture", "mixture_context"), _mixture_nlls(pool, blocks, mix, batch, bar), strict=True
         ):
             result[name][domain] = round(perplexity(nll), 4)
-            bar.update(1)
     bar.close()
     if router is None:
         for name in mixed_rows:
@@ -92,8 +95,13 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
     }
 
 
+def _ticked(bar: Any, out: torch.Tensor) -> torch.Tensor:
+    bar.update(1)
+    return out
+
+
 def _mixture_nlls(
-    pool: ExpertPool, blocks: torch.Tensor, components: list[dict[str, float]], batch: int
+    pool: ExpertPool, blocks: torch.Tensor, components: list[dict[str, float]], batch: int, bar: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`block_nll` of the static mixture and of its context posterior, one forward per batch for both."""
     static, context = [], []
@@ -101,6 +109,8 @@ def _mixture_nlls(
         ids = blocks[start : start + batch]
         mask = torch.ones_like(ids)
         exp, logits = pool.mixture_forward(ids, mask, components[start : start + batch])
+        if bar is not None:
+            bar.update(1)
         static.append(block_nll(lambda *_, e=exp, x=logits: e.mix(x), ids, len(ids), logprobs=True))
         context.append(
             block_nll(

@@ -54,8 +54,8 @@ def prepare(app: AppConfig, overrides: list[str]) -> None:
     print(f"ready at {ensure_base_model(app.base_model, app.paths)} ({time.perf_counter() - t0:.0f} s)")
     routable = [e for e in app.experts if e.routable]
     t0 = _step(f"corpora for {len(routable)} experts")
-    for spec in routable:
-        build_corpus(spec, app)
+    for spec in routable:  # each build shows its own bars: documents read, de-duplicated, tokenized
+        build_corpus(spec, app, progress=True)
     print(f"corpora ready ({time.perf_counter() - t0:.0f} s)")
     t0 = _step(f"LoRA adapters (train profile '{app.train.profile}')")
     for spec in routable:

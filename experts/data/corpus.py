@@ -174,6 +174,8 @@ def build_corpus(spec: ExpertSpec, app: AppConfig, force: bool = False, *, progr
                 return out
         except json.JSONDecodeError:
             pass  # corrupt card: rebuild
+    if progress:
+        print(f"building corpus of {spec.name!r} ({data.source}) ...", file=sys.stderr, flush=True)
     reader = get_reader(data.source)
     opts = {**BUILD_OPTIONS, **{k: v for k, v in data.options.items() if k in BUILD_OPTIONS}}
     instructions = load_instructions(data.instructions) if data.instructions else None
@@ -306,8 +308,6 @@ def data_command(app: AppConfig, ctx: Any) -> list[Path]:
             continue
         t = time.perf_counter()
         before = _card_hash(spec, app)
-        if force or before != config_hash(spec, app):
-            print(f"building corpus of {spec.name!r} ({spec.data.source}) ...", file=sys.stderr, flush=True)
         path = build_corpus(spec, app, force=force, progress=True)
         built.append(path)
         card = load_card(spec.name, app.paths)

@@ -142,3 +142,64 @@ def test_target_modules_that_do_not_exist_fail_clearly(tiny):
     with pytest.raises(MoeError, match="target_modules"):
         train_expert(bad, tiny.expert, tiny.paths.expert_dir("x"), progress=False)
     assert isinstance(tiny.expert, ExpertSpec)
+
+
+def test_time_budget_stops_training_and_saves_a_loadable_adapter(tiny_app, artifacts):
+    """A fake clock that advances 10 s a reading makes the 0.5 min budget deterministic."""
+    from experts.adapters import ExpertPool
+    from experts.base_model import load_tokenizer
+    from experts.evaluate import block_nll, perplexity
+    from experts.train import domain_blocks
+
+    app = compose(
+        ["base_model=tiny", "train=tiny", "expert=biomedical", "train.steps=8", "train.max_minutes=0.5"]
+    )
+    write_corpus(app, "biomedical")
+    readings = iter(range(0, 10_000, 10))
+    out = app.paths.expert_dir("biomedical")
+    metrics = train_expert(app, app.expert, out, progress=False, clock=lambda: float(next(readings)))
+    # start 0 s; after step 1 (10 s) two more steps fit in 30 s, after step 3 (30 s) none
+    assert metrics["steps"] == 3 and metrics["planned_steps"] == 8
+    assert metrics["stopped_by_budget"] and not metrics["stopped_early"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["steps"] == 3 and saved["stopped_by_budget"] and saved["max_minutes"] == 0.5
+    assert [v[0] for v in saved["history"]["val"]] == [2, 3]  # validated where it stopped
+    assert len(saved["history"]["train_loss"]) == 3
+    assert not (out / "checkpoint").exists()
+
+    pool = ExpertPool.load(app, ["biomedical"], device="cpu", precision="fp32")
+    tok = load_tokenizer(app.base_model, app.paths)
+    blocks = domain_blocks("biomedical", app, tok, "test", app.train.test_batches * app.train.batch_size)
+
+    def ppl(name):
+        fwd = lambda ids, mask, rows: pool.forward(ids, mask, [name] * len(ids)).logits  # noqa: E731
+        return perplexity(block_nll(fwd, blocks, app.train.batch_size))
+
+    # the adapter on disk is the one that was evaluated, and it is not the base model
+    assert ppl("biomedical") == pytest.approx(metrics["test_perplexity"]["expert"], rel=1e-3)
+    assert ppl("biomedical") < ppl("base")
+
+
+def test_budget_plan_counts_the_steps_that_still_fit():
+    from experts.train import steps_that_fit
+
+    assert steps_that_fit(step=2, done_this_run=2, elapsed=20.0, budget_s=100.0, steps=30) == 10
+    assert steps_that_fit(step=2, done_this_run=2, elapsed=20.0, budget_s=1000.0, steps=30) == 30
+    assert steps_that_fit(step=5, done_this_run=5, elapsed=59.0, budget_s=60.0, steps=30) == 5
+    # over budget already (e.g. a slow validation): stop here, never before the current step
+    assert steps_that_fit(step=5, done_this_run=1, elapsed=90.0, budget_s=60.0, steps=30) == 5
+
+
+def test_base_perplexity_is_computed_once_per_set_of_blocks(tiny, tmp_path):
+    first = train_expert(tiny, tiny.expert, tmp_path / "a", progress=False)
+    assert not first["base_perplexity_cached"]
+    cached = list((tiny.paths.artifacts_dir / "cache" / "base_perplexity").glob("*.json"))
+    assert len(cached) == 1
+    # a second expert trained on the same blocks reads the figure instead of computing it
+    cached[0].write_text(json.dumps({"perplexity": 12345.0}))
+    second = train_expert(tiny, tiny.expert, tmp_path / "b", progress=False)
+    assert second["base_perplexity_cached"] and second["test_perplexity"]["base"] == 12345.0
+    # other blocks (fewer test batches) are another key: computed, and equal to the first run's
+    fewer = compose(["base_model=tiny", "train=tiny", "expert=biomedical", "train.test_batches=1"])
+    third = train_expert(fewer, fewer.expert, tmp_path / "c", progress=False)
+    assert not third["base_perplexity_cached"] and third["test_perplexity"]["base"] != 12345.0
