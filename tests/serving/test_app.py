@@ -382,3 +382,26 @@ def test_an_off_topic_auto_question_falls_back_to_the_base_model(client):
         model="base", messages=[{"role": "user", "content": off_topic}], max_tokens=6, temperature=0
     )
     assert reply.choices[0].message.content == base.choices[0].message.content
+
+
+def test_reload_with_a_broken_router_keeps_the_old_one(url, client, serve_artifacts):
+    root = url.removesuffix("/v1")
+    weights = serve_artifacts / "router" / "router.safetensors"
+    good = weights.read_bytes()
+    ask = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "copyright warranty licensee"}],
+        "max_tokens": 2,
+    }
+    try:
+        weights.write_bytes(good[: len(good) // 3])  # a retrain that died half-way through writing
+        reply = httpx.post(f"{root}/admin/reload", timeout=60)
+        assert reply.status_code == 503, reply.text
+        assert (
+            "router" in reply.json()["error"]["message"] and "unreadable" in reply.json()["error"]["message"]
+        )
+        assert routing(client.chat.completions.create(**ask))["expert"] == "legal"  # the old router routes
+        assert httpx.get(f"{root}/health").json()["router"] is True
+    finally:
+        weights.write_bytes(good)
+    assert httpx.post(f"{root}/admin/reload", timeout=60).status_code == 200
