@@ -405,3 +405,35 @@ def test_reload_with_a_broken_router_keeps_the_old_one(url, client, serve_artifa
     finally:
         weights.write_bytes(good)
     assert httpx.post(f"{root}/admin/reload", timeout=60).status_code == 200
+
+
+def test_a_failure_mid_stream_reaches_the_client_as_an_sse_error_event(url, client):
+    """The engine process dies while a stream is decoding: the headers are gone, so the error comes
+    in-band, as OpenAI sends it, and the openai client raises it. Last in the module: the pool's
+    replica is replaced afterwards (the test waits for that)."""
+    import os
+    import signal
+
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    pool = serve.get_deployment_handle("pool_tiny", APP_NAME)
+    pid = pool.info.remote().result()["engine_pid"]
+    stream = client.completions.create(
+        model="legal", prompt="the court", max_tokens=1000, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = iter(stream)
+    received = [next(chunks), next(chunks)]  # routing chunk, then decoded text: the stream is under way
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as err:
+        received += list(chunks)
+    assert err.value.message and "engine" in err.value.message, err.value.message
+    assert received[1].choices[0].text and not any(c.choices[0].finish_reason for c in received)
+    while True:  # Ray Serve replaces the replica whose engine died (pytest-timeout bounds the wait)
+        try:
+            reply = client.completions.create(model="legal", prompt="the court", max_tokens=2)
+            break
+        except (openai.APIStatusError, openai.APIConnectionError):
+            time.sleep(0.5)
+    assert reply.usage.completion_tokens == 2 and pool.info.remote().result()["engine_pid"] != pid
