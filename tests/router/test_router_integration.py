@@ -20,7 +20,8 @@ from router.metrics import load_natural_questions, natural_question_metrics, rou
 from router.model import load_router, routable_labels
 from router.train import train_router
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Building the six corpora took 634 s on a busy 2-core machine: more than pyproject's per-test timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MAX_DOCUMENTS = 120  # per expert: enough windows for a router, a few seconds to build each corpus
 WINDOWS_PER_EXPERT = 300  # a small router; building the six capped corpora dominates (minutes: slow)
