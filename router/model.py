@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from experts.errors import ArtifactError, ConfigError
@@ -312,7 +313,7 @@ class Router:
         try:
             meta = json.loads(meta_path.read_text())
             arrays = load_file(str(weights_path))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # e.g. a file cut short
             raise ArtifactError(
                 f"router in {directory} is unreadable ({exc}); run `moe train-router`"
             ) from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Collection
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from experts.errors import ArtifactError, ConfigError, MoeError, UnknownExpertError
+from experts.schema import ServeSpec
 
 AUTO = "auto"
 
@@ -118,6 +120,20 @@ def error_param(loc: Collection[Any]) -> str | None:
     return ".".join(parts) or None
 
 
+def api_keys(serve: ServeSpec) -> list[str]:
+    """Accepted API keys: $<serve.api_keys_env> (comma-separated) plus serve.api_keys_file lines.
+    The server checks them and `moe reload` / `add-expert` / `remove-expert` send the first one."""
+    keys = [k.strip() for k in os.environ.get(serve.api_keys_env, "").split(",") if k.strip()]
+    if serve.api_keys_file:
+        path = os.path.expanduser(serve.api_keys_file)
+        try:
+            with open(path) as fh:
+                keys += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            raise ConfigError(f"serve.api_keys_file {path!r} cannot be read: {exc}") from exc
+    return keys
+
+
 def key_accepted(authorization: str, keys: Collection[str]) -> bool:
     """`Authorization: Bearer <key>` names one of `keys` (compared in constant time)."""
     scheme, _, given = authorization.partition(" ")
@@ -205,8 +221,15 @@ MIN_TOP_P = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
-# Request bodies. Unknown OpenAI fields are accepted and ignored (clients send many).
+# Request bodies. Unknown OpenAI fields are accepted and ignored (clients send many); the ones
+# that would change what comes back and are not supported (`n` > 1, `logprobs`) are refused.
 # --------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # one last chunk with empty `choices` and the request's `usage`
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -217,6 +240,7 @@ class _Body(BaseModel):
     stream: bool = False
     stop: Text | list[Text] | None = None
     n: int = 1
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: decode exactly max_tokens (benchmarks)
 
     @field_validator("temperature")
@@ -228,6 +252,21 @@ class _Body(BaseModel):
     @classmethod
     def _top_token_below_min(cls, value: float | None) -> float | None:
         return MIN_TOP_P if value is not None and value < MIN_TOP_P else value
+
+    def refuse_unsupported(self) -> None:
+        """OpenAI options this server cannot honour: a clear 400 rather than a silently different answer."""
+        if self.n != 1:
+            raise RequestError(
+                f"n={self.n} is not supported: one choice per request (send {self.n} requests)", param="n"
+            )
+        if self.logprobs_asked():
+            raise RequestError("logprobs are not supported by this server", param="logprobs")
+
+    def logprobs_asked(self) -> bool:
+        return False
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -259,10 +298,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def logprobs_asked(self) -> bool:
+        return bool(self.logprobs) or bool(self.top_logprobs)
 
 
 class CompletionRequest(_Body):
     prompt: Text | list[Text]
+    logprobs: int | None = None  # the completions API's number of top log-probabilities
+
+    def logprobs_asked(self) -> bool:
+        return self.logprobs is not None
 
     def text(self) -> str:
         if isinstance(self.prompt, str):

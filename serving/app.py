@@ -49,6 +49,7 @@ from serving.api import (
     RequestError,
     RouteRequest,
     UnavailableError,
+    api_keys,
     error_body,
     error_of,
     error_param,
@@ -196,9 +197,9 @@ class ExpertPoolDeployment:
 # --------------------------------------------------------------------------------------------
 # Ingress deployment (FastAPI)
 # --------------------------------------------------------------------------------------------
-# No /docs or /openapi.json: the API is OpenAI's, documented there and in the README; the schema is
-# still `api.openapi()` in-process (the fuzz test reads it).
-api = FastAPI(title="moe-experts", docs_url=None, redoc_url=None, openapi_url=None)
+# /openapi.json and /docs (Swagger UI) are served behind the API key like every route but OPEN_PATHS:
+# the schema tells which routes and fields exist. The fuzz test reads the served schema.
+api = FastAPI(title="moe-experts", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
 api.add_exception_handler(HTTPException, http_error)  # 404/405/413/unreadable body: OpenAI's shape
 
 
@@ -537,8 +538,7 @@ class Ingress:
         route_text = ""
         try:
             self._auth(request)
-            if body.n != 1:
-                raise RequestError("only n=1 is supported", param="n")
+            body.refuse_unsupported()
             if chat:
                 users = [m.text() for m in body.messages if m.role == "user"]
                 route_text = users[-1] if users else body.messages[-1].text()
@@ -596,7 +596,9 @@ class Ingress:
 
         if body.stream:
             return StreamingResponse(
-                self._events(stream, first, meta, routing, sources, chat, len(prompt), done),
+                self._events(
+                    stream, first, meta, routing, sources, chat, len(prompt), done, body.include_usage()
+                ),
                 media_type="text/event-stream",
                 headers=headers,
             )
@@ -670,8 +672,11 @@ class Ingress:
         chat: bool,
         prompt_tokens: int,
         done: Any,
+        include_usage: bool = False,
     ) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format; the first chunk carries `routing` (and `sources`)."""
+        """Server-sent events in OpenAI's chunk format; the first chunk carries `routing` (and `sources`).
+        `usage` rides on the chunk with `finish_reason`, or, with `stream_options.include_usage`, on one
+        last chunk with empty `choices`, as OpenAI sends it (clients read it there)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
@@ -708,7 +713,12 @@ class Ingress:
                 "completion_tokens": last.completion_tokens,
                 "total_tokens": prompt_tokens + last.completion_tokens,
             }
-            yield _sse(chunk(None, last.finish_reason or "length", usage=usage))
+            finish = last.finish_reason or "length"
+            if include_usage:
+                yield _sse(chunk(None, finish))
+                yield _sse({**meta, "object": obj, "choices": [], "usage": usage})
+            else:
+                yield _sse(chunk(None, finish, usage=usage))
             yield "data: [DONE]\n\n"
             finished = True
             done(text, last.completion_tokens)
@@ -836,19 +846,6 @@ def deployment_options(res: ResourceSpec, name: str) -> dict[str, Any]:
     return options
 
 
-def api_keys(app: AppConfig) -> list[str]:
-    """Accepted API keys: $<serve.api_keys_env> (comma-separated) plus serve.api_keys_file lines."""
-    keys = [k.strip() for k in os.environ.get(app.serve.api_keys_env, "").split(",") if k.strip()]
-    if app.serve.api_keys_file:
-        path = os.path.expanduser(app.serve.api_keys_file)
-        try:
-            with open(path) as fh:
-                keys += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
-        except OSError as exc:
-            raise ConfigError(f"serve.api_keys_file {path!r} cannot be read: {exc}") from exc
-    return keys
-
-
 def thread_advice(threads: int, cpus: int, engine: str = "process") -> str | None:
     """Why `threads` torch threads per replica will decode slowly on `cpus` CPUs (None: they won't).
 
@@ -908,7 +905,7 @@ def build_app(app: AppConfig) -> serve.Application:
     check_retrieval(app, ok)
     log_url = query_log_url(app) if serve_cfg.log_queries else None  # resolved here: replicas' cwd differs
     return Ingress.options(**deployment_options(serve_cfg.ingress, "ingress")).bind(
-        app, deployments, placement, api_keys(app), log_url
+        app, deployments, placement, api_keys(app.serve), log_url
     )
 
 

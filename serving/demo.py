@@ -81,7 +81,9 @@ def ask_examples(app: AppConfig, base_url: str) -> list[dict[str, Any]]:
     """One example question per expert through the official openai client, model='auto'."""
     from openai import OpenAI
 
-    keys = [k.strip() for k in os.environ.get(app.serve.api_keys_env, "").split(",") if k.strip()]
+    from serving.api import api_keys
+
+    keys = api_keys(app.serve)  # $serve.api_keys_env and serve.api_keys_file, as the server reads them
     key = os.environ.get("MOE_DEMO_API_KEY") or (keys[0] if keys else "unused")  # the server's own key
     client = OpenAI(base_url=base_url, api_key=key, timeout=120)
     answers = []

@@ -221,8 +221,12 @@ class _Text:
             at = text.find(s)
             if at >= 0:
                 text, stopped = text[:at], True
-        if not (final or stopped) and text.endswith("\ufffd"):
-            return "", False  # half of a multi-byte character: wait for the rest
+        if not (final or stopped):
+            if text.endswith("\ufffd"):
+                return "", False  # half of a multi-byte character: wait for the rest
+            # Hold back an end that may be the start of a stop string (OpenAI never sends any of it).
+            held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - held]
         new = text[len(self.emitted) :]  # text already sent cannot be taken back
         self.emitted += new
         return new, stopped

@@ -126,10 +126,10 @@ def update_endpoint(app: AppConfig, url: str | None = None) -> str:
     import httpx
 
     base = url or f"http://{app.serve.host}:{app.serve.port}"
-    headers = {}
-    keys = os.environ.get(app.serve.api_keys_env, "")
-    if keys:
-        headers["Authorization"] = f"Bearer {keys.split(',')[0].strip()}"
+    from serving.api import api_keys
+
+    keys = api_keys(app.serve)  # the endpoint's own: $serve.api_keys_env, then serve.api_keys_file
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     try:
         httpx.get(f"{base}/health", timeout=3).raise_for_status()
     except httpx.HTTPError:

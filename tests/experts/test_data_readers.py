@@ -239,6 +239,12 @@ class _Fetched(Exception):
 def test_every_shipped_expert_names_a_reader_and_options_it_accepts(slug, monkeypatch):
     spec = load_expert_file(expert_files()[slug])
     if spec.data.source == "mixture":  # the generalist: built by training, not by a reader
+        from experts.config import compose
+        from experts.data.corpus import build_corpus
+
+        assert not spec.routable and spec.data.packages == ()  # never a label; nothing of its own to fetch
+        with pytest.raises(ConfigError, match="training builds it from the other experts"):
+            build_corpus(spec, compose([]))
         return
     monkeypatch.setattr(src, "package_roots", lambda *a, **k: (_ for _ in ()).throw(_Fetched()))
     monkeypatch.setattr(src, "_need_tools", lambda: None)

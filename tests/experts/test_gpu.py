@@ -32,14 +32,24 @@ def test_train_on_cuda_matches_cpu_loss_direction(tiny_app, artifacts, tmp_path)
     assert metrics["test_perplexity"]["expert"] < metrics["test_perplexity"]["base"]
 
 
-def test_pool_mixed_batch_on_cuda(tiny_app):
+def test_pool_mixed_batch_on_cuda(tiny_app, tmp_path):
+    """One batch, three rows on different adapters (base and two experts): each row's logits are
+    what that adapter gives alone, and the adapters do change them."""
+    from tests.experts.test_adapters import make_adapter
+
     pool = ExpertPool.load(tiny_app, names=[], device="cuda", precision="auto")
-    ids = torch.randint(0, 1000, (2, 8))
-    out = pool.forward(ids, torch.ones_like(ids), ["base", "base"])
+    for seed, name in enumerate(("legal", "python_docs")):
+        make_adapter(tiny_app, tmp_path / name, seed)
+        pool.add(name, tmp_path / name)
+    ids = torch.randint(0, 1000, (3, 8))
+    rows = ["base", "legal", "python_docs"]
+    out = pool.forward(ids, torch.ones_like(ids), rows)
     assert out.logits.device.type == "cuda"
-    torch.testing.assert_close(
-        out.logits[0].float().cpu(),
-        pool.forward(ids[:1], torch.ones_like(ids[:1]), ["base"]).logits[0].float().cpu(),
-        rtol=2e-2,
-        atol=2e-2,
-    )
+    alone = [
+        pool.forward(ids[i : i + 1], torch.ones_like(ids[:1]), [name]).logits[0]
+        for i, name in enumerate(rows)
+    ]
+    for i in range(3):
+        torch.testing.assert_close(out.logits[i].float().cpu(), alone[i].float().cpu(), rtol=2e-2, atol=2e-2)
+    base_of_row1 = pool.forward(ids[1:2], torch.ones_like(ids[:1]), ["base"]).logits[0]
+    assert not torch.allclose(alone[1].float(), base_of_row1.float(), atol=1e-3)  # legal's adapter acted

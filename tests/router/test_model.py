@@ -122,6 +122,10 @@ def test_load_missing_or_corrupt(tmp_path):
     (tmp_path / "bad" / WEIGHTS_FILE).write_bytes(b"junk")
     with pytest.raises(ArtifactError, match="unreadable"):
         Router.load(tmp_path / "bad")
+    (tmp_path / "bad" / META_FILE).write_text("{}")  # the metadata reads; the weights were cut short
+    (tmp_path / "bad" / WEIGHTS_FILE).write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ArtifactError, match="unreadable"):
+        Router.load(tmp_path / "bad")
 
 
 def test_no_pickle_in_the_router_package():

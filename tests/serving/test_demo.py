@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import run_moe, write_toy_folder
 from tests.router.test_evaluation import COOKING
 
-pytestmark = [pytest.mark.serve, pytest.mark.integration]
+pytestmark = [pytest.mark.serve, pytest.mark.integration, pytest.mark.slow]
 PORT = 8163
 ARGS = [
     "demo",
@@ -41,7 +41,12 @@ def test_demo_builds_serves_answers_and_reuses_its_cache(user_conf, tiny_app, tm
         assert re.search(rf"{slug}: perplexity [\d.]+ -> [\d.]+", out), out  # trained in this run
     # every example got an answer line naming the expert, decision and confidence
     answers = re.findall(r"-> expert=(\w+) decision=(\w+) confidence=([\d.]+)", out)
-    assert len(answers) == 2 and all(0 <= float(c) <= 1 for _, _, c in answers)
+    asked = re.findall(r"Q \[(\w+)\]", out)
+    assert sorted(asked) == ["cook", "toy"] and len(answers) == 2, out
+    for slug, (expert, decision, confidence) in zip(asked, answers, strict=True):
+        # each example is in its expert's own words: the router sends it there (model auto)
+        assert (expert, decision) == (slug, "routed"), (slug, expert, decision)
+        assert 0 < float(confidence) <= 1
     assert "demo reached its examples" in out
     assert (tmp_path / "artifacts" / "experts" / "cook" / "adapter_model.safetensors").exists()
 

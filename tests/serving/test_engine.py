@@ -176,6 +176,26 @@ def test_stop_string_ends_generation(pool):
     assert cut[0][0] == text[: text.find(stop)] and cut[0][2] == "stop"
 
 
+@pytest.mark.parametrize("stop", ["ee sh", "ee shall not", "e"])
+def test_a_stop_string_over_several_tokens_is_never_streamed_in_part(pool, stop):
+    """Text that may begin a stop string is held back until it is known not to be one."""
+    from serving.engine import _Text
+
+    tokens = list(ids(pool, "the licensee shall not sublicense"))
+    assert len(tokens) > 4
+    text = _Text(pool.tokenizer, [stop])
+    sent, stopped = [], False
+    for i, token in enumerate(tokens):
+        new, stopped = text.push(token, final=i == len(tokens) - 1)
+        sent.append(new)
+        if stopped:
+            break
+    whole = pool.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert stopped and "".join(sent) == whole[: whole.find(stop)]
+    no_stop = _Text(pool.tokenizer, ["zebra"])
+    assert "".join(no_stop.push(t, final=i == len(tokens) - 1)[0] for i, t in enumerate(tokens)) == whole
+
+
 def test_single_row_mv_matches_f_linear_for_bf16_rows(monkeypatch):
     import torch
 
@@ -206,18 +226,22 @@ def test_single_row_mv_matches_f_linear_for_bf16_rows(monkeypatch):
 
 
 def test_prefers_mv_picks_the_faster_single_row_path(monkeypatch):
-    import time
+    import types
 
     import torch
 
     import serving.decoder as decoder
+    import serving.packed as packed
 
     weights = [torch.randn(64, 32, dtype=torch.bfloat16) for _ in range(3)]
     mv, f_linear = torch.mv, torch.nn.functional.linear
+    # The timer sees a clock that only the "slow" path moves: the choice cannot depend on the machine.
+    clock = [0.0]
+    monkeypatch.setattr(packed, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def slow(fn):
         def wrapped(*args, **kwargs):
-            time.sleep(0.002)
+            clock[0] += 1.0
             return fn(*args, **kwargs)
 
         return wrapped

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 
 import pytest
 
@@ -86,9 +85,7 @@ def test_record_never_raises_on_an_unwritable_database(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     log = QueryLog(blocker / "q.sqlite")  # its folder can never be created
-    t = time.perf_counter()
-    assert log.record({"prompt": "x"}) is not None
-    assert time.perf_counter() - t < 0.5  # queued, not written on the request's thread
+    assert log.record({"prompt": "x"}) is not None  # queued: the writer thread meets the error, not us
     assert log.record({"prompt": "y", "bogus_field": 1}) is None  # malformed: counted, not raised
     log.close()
     assert log.dropped == 2 and log.recorded == 0
@@ -101,9 +98,14 @@ def test_full_queue_drops_and_counts(tmp_path):
     gate.acquire()
     real_write = log._write
     log._write = lambda rows: (gate.acquire(), real_write(rows))  # hold the writer
-    t = time.perf_counter()
-    results = [log.record({"prompt": f"p{i}"}) for i in range(5)]
-    assert time.perf_counter() - t < 0.5  # the writer is stuck; record still returns at once
+    results: list = []
+    caller = threading.Thread(
+        target=lambda: results.extend(log.record({"prompt": f"p{i}"}) for i in range(5))
+    )
+    caller.start()
+    caller.join(60)
+    # the writer is stuck (it holds the gate until below), yet every record call returned
+    assert not caller.is_alive() and len(results) == 5
     gate.release()
     log.close()
     assert results.count(None) == log.dropped >= 3  # one in the writer's hands, one queued, rest dropped

@@ -17,7 +17,7 @@ from tests.conftest import TOY_WORDS, write_toy_folder
 from tests.router.test_evaluation import COOKING
 from tests.serving.test_review_browser import CHROMIUM, CHROMIUM_ARGS
 
-pytestmark = [pytest.mark.serve, pytest.mark.integration]
+pytestmark = [pytest.mark.serve, pytest.mark.integration, pytest.mark.slow]
 PORT = 8152
 COMMON = [
     "base_model=tiny",

@@ -4,6 +4,7 @@ The tiny app (tiny base, three tiny adapters, a trained router) on 127.0.0.1:831
 - API keys on, one from an environment variable and one from a keys file;
 - a fourth configured expert, `generalist`, whose adapter file is truncated (startup must name it and
   serve the others);
+- the router's mixture policy (`model: auto` may blend experts), tested end to end over HTTP;
 - cheap limits (max_tokens <= 4) so fuzzing and bursts stay cheap on 2 cores, and a small pool queue
   (16 running + 16 queued) so a burst of 64 concurrent requests meets clean 503s.
 """
@@ -111,6 +112,7 @@ def endpoint(serve_artifacts, tiny_app, tmp_path_factory):
             "serve.max_batch_size=16",
             f"serve.api_keys_env={KEYS_ENV}",
             f"serve.api_keys_file={keys_file}",
+            "router.policy=mixture",
         ]
     )
     os.environ[KEYS_ENV] = key

@@ -61,12 +61,20 @@ def test_the_openai_client_with_a_key(endpoint):
         bad.models.list()
 
 
-@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/no/such/route"])
-def test_no_schema_or_docs_routes_are_served(endpoint, path):
-    """The API is OpenAI's (documented in the README); the schema is not served. Without a key every
-    path but /health is 401, so not even which paths exist is told to a caller without one."""
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/redoc", "/no/such/route"])
+def test_schema_and_docs_want_the_key_like_every_route(endpoint, path):
+    """Without a key every path but /health is 401, so not even which paths exist is told to a caller
+    without one; with it the schema and Swagger UI are served (vLLM's and FastAPI's users look there)."""
     assert_openai_error(httpx.get(f"{endpoint.url}{path}", timeout=30), 401)
-    assert_openai_error(endpoint.get(path), 404)
+    reply = endpoint.get(path)
+    if path == "/openapi.json":
+        assert reply.status_code == 200, reply.text[:300]
+        assert {"/v1/chat/completions", "/v1/completions", "/v1/route"} <= set(reply.json()["paths"])
+    elif path == "/docs":
+        assert reply.status_code == 200 and "text/html" in reply.headers["content-type"]
+        assert "/openapi.json" in reply.text  # the page loads the schema it documents
+    else:
+        assert_openai_error(reply, 404)
 
 
 def test_the_review_page_itself_is_static(endpoint):
@@ -96,3 +104,23 @@ def test_keys_never_reach_a_log(endpoint):
         data = path.read_bytes()
         for secret in (endpoint.key, endpoint.file_key, WRONG_KEY):
             assert secret.encode() not in data, f"an API key is written in {path}"
+
+
+def test_moe_reload_takes_its_key_from_the_keys_file(endpoint, monkeypatch):
+    """`moe reload` / `add-expert` / `remove-expert` call /admin/reload with the endpoint's own keys:
+    here only serve.api_keys_file has one (the environment variable is unset)."""
+    import dataclasses
+
+    from experts.errors import MoeError
+    from serving.manage import update_endpoint
+    from tests.serving.hardening.conftest import KEYS_ENV
+
+    monkeypatch.delenv(KEYS_ENV, raising=False)
+    status = update_endpoint(endpoint.app, endpoint.url)
+    assert status.startswith(f"endpoint at {endpoint.url} updated"), status
+    assert "'legal'" in status
+    no_file = dataclasses.replace(
+        endpoint.app, serve=dataclasses.replace(endpoint.app.serve, api_keys_file=None)
+    )
+    with pytest.raises(MoeError, match=r"refused the reload \(401\)"):
+        update_endpoint(no_file, endpoint.url)

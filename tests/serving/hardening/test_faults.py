@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.serving.hardening.conftest import assert_openai_error
-from tests.serving.hardening.test_load import TIMEOUT_S, burst
+from tests.serving.hardening.test_load import TIMEOUT_S, InFlight, burst
 
 pytestmark = pytest.mark.serve
 
@@ -36,26 +36,32 @@ BODY = {"model": "legal", "messages": [{"role": "user", "content": "the licensee
 
 
 def kill_under_load(endpoint, kill, requests: int, concurrency: int, tag: str, failed: tuple[int, ...]):
-    """Start a burst, `kill()` a second in, and check that every request got an answer: 200 or
-    one of `failed` in OpenAI's error shape. Then wait until a completion succeeds again.
-    Returns the in-flight statuses, the seconds to recovery and the first good reply."""
+    """Start a burst, `kill()` once `concurrency` requests are in flight, and check that they were
+    and that every request got an answer: 200 or one of `failed` in OpenAI's error shape. Then wait
+    until a completion succeeds again. Returns the statuses of the requests in flight at the kill,
+    the seconds to recovery and the first good reply."""
     results: list = []
+    in_flight = InFlight(at_least=concurrency)
     load = threading.Thread(
-        target=lambda: results.extend(asyncio.run(burst(endpoint, requests, concurrency, tag=tag)))
+        target=lambda: results.extend(asyncio.run(burst(endpoint, requests, concurrency, tag, in_flight)))
     )
     load.start()
-    time.sleep(1.0)  # requests in flight in the pool
+    assert in_flight.reached.wait(TIMEOUT_S), "the burst never had its requests in flight"
     kill()
+    at_kill = set(in_flight.live)  # sent, not answered: in the endpoint when it lost its pool
     killed = time.monotonic()
     load.join(TIMEOUT_S + 30)
     assert not load.is_alive(), "a request hung"
+    assert len(at_kill) >= concurrency // 2, f"only {len(at_kill)} requests were in flight at the kill"
     statuses: dict[int, int] = {}
     for i, reply in results:
         assert reply is not None, f"request {i} got no answer (timeout or dropped connection)"
-        statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+        if i in at_kill:
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
         if reply.status_code != 200:
             assert reply.status_code in failed, reply.text[:300]
             assert_openai_error(reply)
+    assert sum(statuses.values()) == len(at_kill)
     while True:  # answering normally again: a completion from the (new) pool
         reply = endpoint.post("/v1/chat/completions", json=BODY, timeout=30)
         if reply.status_code == 200:
