@@ -28,7 +28,7 @@ from experts.adapters import BASE, ExpertPool, adapter_dir
 from experts.config import REPO_ROOT
 from experts.data import load_corpus
 from experts.data.tasks import Choice, Task, build_choices, build_tasks, check_choices, split_documents
-from experts.errors import DataError
+from experts.errors import ArtifactError, DataError
 from experts.evaluate import chat_example, sequence_logprobs
 from experts.schema import AppConfig, ExpertSpec, GenerationSpec
 
@@ -133,6 +133,9 @@ def task_matrix(
     trained = [
         e.name for e in app.experts if (adapter_dir(e, app.paths) / "adapter_model.safetensors").exists()
     ]
+    missing = sorted({d.name for d in domains} - set(trained))
+    if missing:
+        raise ArtifactError(f"no adapter for expert(s) {missing}; run `moe train expert=all` first")
     pool = pool or ExpertPool.load(app, trained, device=app.train.device, precision=app.train.precision)
     score = _scorer(pool, app.train.batch_size)
     tok = pool.tokenizer
