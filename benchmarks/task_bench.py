@@ -15,19 +15,13 @@ import sys
 import time
 
 from experts.config import compose
-from experts.errors import ArtifactError
+from router.evaluation import optional_router
 from router.task_eval import render_tasks, task_matrix
 
 
 def main(overrides: list[str]) -> None:
     app = compose(overrides)
-    router = None
-    try:
-        from router.model import load_router
-
-        router = load_router(app)
-    except ArtifactError as exc:
-        print(f"note: no router ({exc}); routed and mixture rows are skipped")
+    router = optional_router(app)
     start = time.perf_counter()
     report = task_matrix(app, router)
     report["seconds"] = round(time.perf_counter() - start, 1)

@@ -203,17 +203,22 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def optional_router(app: AppConfig) -> Any | None:
+    """The trained router, or None (with a note) when there is none: its rows are then skipped."""
+    from router.model import load_router
+
+    try:
+        return load_router(app)
+    except ArtifactError as exc:
+        print(f"note: no router ({exc}); routed/mixture rows and the routing section are skipped")
+        return None
+
+
 def eval_command(app: AppConfig, ctx: Any) -> None:
     """`moe eval`: write artifacts/reports/eval.json, eval.md and plots."""
     out = app.paths.reports_dir
     out.mkdir(parents=True, exist_ok=True)
-    router = None
-    try:
-        from router.model import load_router
-
-        router = load_router(app)
-    except ArtifactError as exc:
-        print(f"note: no router ({exc}); routed/mixture rows and the routing section are skipped")
+    router = optional_router(app)
     start = time.perf_counter()
     report = perplexity_matrix(app, router)
     report["summary"] = summarise(report["perplexity"], report["domains"])
