@@ -143,7 +143,8 @@ def task_matrix(
     loss: dict[str, dict[str, Any]] = {}
     claims: dict[str, Any] = {}
     items: dict[str, dict[str, int]] = {}
-    bar = tqdm(total=len(domains) + 1, desc="eval tasks", disable=not progress)
+    rows_per_domain = 3 + (2 if router is not None else 0)  # base, generalist, own, routed, mixture
+    bar = tqdm(total=len(domains) * rows_per_domain + 1, desc="eval tasks", disable=not progress)
     for seed, spec in enumerate(domains):
         choices, tasks = domain_items(spec, app)
         system = spec.generation.system_prompt
@@ -156,9 +157,11 @@ def task_matrix(
         cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (mc scores, qa scores)
         for adapter in dict.fromkeys(fixed.values()):
             cache[adapter] = (score(mc, [adapter] * len(mc)), score(qa, [adapter] * len(qa)))
+            bar.update(1)
         results = {row: cache[adapter] for row, adapter in fixed.items()}
         if router is not None:
             results["routed"] = _routed(router, score, cache, choices, tasks, mc, qa)
+            bar.update(1)
             mix_c, mix_t = (
                 router.mixture_weights([c.question for c in choices]),
                 router.mixture_weights([t.prompt for t in tasks]),
@@ -182,7 +185,9 @@ def task_matrix(
                 for other in ("base", "generalist")
                 if other in per_item
             }
-        bar.update(1)
+        bar.update(
+            rows_per_domain - len(cache) - (1 if router is not None else 0)
+        )  # mixture, or rows not run
     general = _general(app, pool, score, tok)
     bar.update(1)
     bar.close()
