@@ -116,7 +116,8 @@ def interval(values: torch.Tensor, weights: torch.Tensor | None = None, seed: in
 def _row_stats(kind: str, per_item: torch.Tensor, seed: int) -> dict[str, float]:
     if kind == "accuracy":
         return interval(per_item, seed=seed)
-    return interval(per_item[:, 0] / per_item[:, 1].clamp(min=1), per_item[:, 1], seed=seed)  # nats/token
+    # [summed log-probability, tokens] per item -> the token-weighted loss, nats per token
+    return interval(-per_item[:, 0] / per_item[:, 1].clamp(min=1), per_item[:, 1], seed=seed)
 
 
 def _example_rows(

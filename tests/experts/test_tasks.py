@@ -176,3 +176,19 @@ def test_training_mixes_tasks_by_the_configured_ratio(toy_corpus):
     # task rows carry the loss on their answers only
     task_labels = mixed.labels[mixed.sources["toy"] :]
     assert (task_labels == -100).any(dim=1).all() and (task_labels != -100).any(dim=1).all()
+
+
+def test_answer_loss_is_the_token_weighted_negative_log_likelihood_and_accuracy_reads_the_key():
+    import torch
+
+    from router.task_eval import _row_stats, choice_correct
+
+    # two answers: 2 tokens at log-probability -1 each, 6 tokens at -3 each: (2 + 18) / 8 nats a token
+    stats = _row_stats("loss", torch.tensor([[-2.0, 2.0], [-18.0, 6.0]]), seed=0)
+    assert stats["value"] == pytest.approx(2.5) and stats["lo"] <= 2.5 <= stats["hi"]
+    item = build_choices("pubmed", _pubmed_docs())[0]
+    scores = torch.full((N_OPTIONS, 2), -5.0)
+    scores[item.answer, 0] = -1.0  # the keyed option is the likeliest
+    assert choice_correct(scores, [item]).tolist() == [1.0]
+    wrong = dataclasses.replace(item, answer=(item.answer + 1) % N_OPTIONS)
+    assert choice_correct(scores, [wrong]).tolist() == [0.0]
