@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -54,3 +55,52 @@ def perplexity(nll: torch.Tensor) -> float:
     """Perplexity from a [n, 2] (summed NLL, tokens) tensor."""
     tokens = float(nll[:, 1].sum())
     return math.exp(float(nll[:, 0].sum()) / tokens) if tokens else float("nan")
+
+
+def chat_example(
+    tokenizer: Any, system: str, prompt: str, response: str, max_len: int
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one exchange in the chat format the endpoint uses (system + user
+    message, the generation prompt, then the response and EOS), cut at `max_len`; labels -100 on
+    all but the response."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return (p_ids + r_ids)[:max_len], ([-100] * len(p_ids) + r_ids)[:max_len]
+
+
+def sequence_logprobs(
+    forward: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor],
+    examples: Sequence[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    logprobs: bool = False,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """Summed log-probability of each example's labelled tokens and their count -> [n, 2].
+
+    Examples of different lengths are batched by length and padded on the right (masked);
+    `forward(ids, mask, indices)` gets the examples' indices, for per-example adapters or mixtures."""
+    out = torch.zeros(len(examples), 2)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(examples[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            x, y = examples[i]
+            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = (
+                torch.tensor(x),
+                torch.tensor(y),
+                1,
+            )
+        scores = forward(ids, mask, idx)[:, :-1].float()
+        logp = scores if logprobs else torch.log_softmax(scores, dim=-1)
+        target = labels[:, 1:].to(logp.device)
+        keep = target != -100
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        out[idx, 0] = picked.sum(dim=1).cpu()
+        out[idx, 1] = keep.sum(dim=1).float().cpu()
+    return out

@@ -311,6 +311,12 @@ class TrainSpec:
     max_grad_norm: float = 1.0
     include_feedback: bool = False  # add reviewed corrections (artifacts/feedback/<slug>.jsonl)
     feedback_repeat: int = 4  # times each correction is trained on (they are few; the corpus is large)
+    # Share of training rows that are instruction tasks made from the corpus (experts/data/tasks.py,
+    # chat template, loss on the answer only); the rest is raw text (AdaptLLM: raw text alone erodes
+    # prompting ability, its reading-comprehension tasks keep it; 0.25 is a starting point). 0, raw
+    # text only, stays the default until raw-only vs raw+instructions is measured (docs/benchmarks.md).
+    instruction_ratio: float = 0.0
+    task_items: int = 32  # `moe eval`: multiple-choice and answer items per domain (test split)
     num_workers_ray: int = 0  # >0: train experts as parallel Ray tasks
     gpus_per_task: float = 0.0
 
@@ -330,6 +336,10 @@ class TrainSpec:
             self.max_minutes is None or self.max_minutes > 0,
             f"train.max_minutes {self.max_minutes} must be > 0",
         )
+        _check(
+            0 <= self.instruction_ratio < 1, f"train.instruction_ratio {self.instruction_ratio} not in [0, 1)"
+        )
+        _check(self.task_items >= 1, f"train.task_items {self.task_items} must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from experts.base_model import load_base_model, load_tokenizer, pick_device, pic
 from experts.blocks import token_blocks
 from experts.data.instructions import load_instructions
 from experts.errors import ArtifactError, DataError, MoeError
-from experts.evaluate import block_nll, perplexity
+from experts.evaluate import block_nll, chat_example, perplexity
 from experts.schema import AppConfig, ExpertSpec
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,7 @@ def _instruction_rows(
     """Chat-template prompt/response pairs, loss on the response tokens only."""
     ids_out, labels_out, mask_out = [], [], []
     for row in rows:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": row["prompt"]}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (p_ids + r_ids)[:seq_len]
-        labels = ([-100] * len(p_ids) + r_ids)[:seq_len]
+        ids, labels = chat_example(tokenizer, system, row["prompt"], row["response"], seq_len)
         pad = seq_len - len(ids)
         ids_out.append(ids + [tokenizer.pad_token_id] * pad)
         labels_out.append(labels + [-100] * pad)
@@ -106,6 +101,8 @@ def build_train_data(
     # blocks make room for them so they all fall inside the one pass (the corpus keeps >= half).
     feedback = list(extra_instructions or []) * t.feedback_repeat
     want = max(want - len(feedback), math.ceil(want / 2))
+    tasks = _corpus_tasks(app, spec, round(want * t.instruction_ratio))
+    want -= len(tasks)
     val_n, test_n = t.eval_batches * t.batch_size, t.test_batches * t.batch_size
     if spec.data.source == MIXTURE:
         domains = [e.name for e in app.experts if e.routable]
@@ -133,9 +130,11 @@ def build_train_data(
             f"({len(train)} train / {len(val)} validation blocks)"
         )
     ids, labels, mask = train, train.clone(), torch.ones_like(train)
-    instructions = _load_instructions(app, spec) + feedback
+    instructions = _load_instructions(app, spec) + feedback + tasks
     if feedback:
         sources["feedback"] = len(feedback)
+    if tasks:
+        sources["tasks"] = len(tasks)
     if instructions:
         i_ids, i_labels, i_mask = _instruction_rows(
             instructions, tokenizer, t.seq_len, spec.generation.system_prompt
@@ -154,6 +153,27 @@ def _load_instructions(app: AppConfig, spec: ExpertSpec) -> list[dict[str, str]]
     if "instructions" not in corpus:
         return []
     return [{"prompt": r["prompt"], "response": r["response"]} for r in corpus["instructions"]]
+
+
+def _corpus_tasks(app: AppConfig, spec: ExpertSpec, n: int) -> list[dict[str, str]]:
+    """`n` instruction tasks made from the train split(s) (`moe data` writes them; built here when a
+    corpus predates them), a seeded sample; the generalist takes an equal share of every domain's."""
+    from experts.data import load_card
+    from experts.data.tasks import load_tasks, write_tasks
+
+    if n <= 0:
+        return []
+    domains = [e for e in app.experts if e.routable] if spec.data.source == MIXTURE else [spec]
+    share = math.ceil(n / max(1, len(domains)))
+    out: list[dict[str, str]] = []
+    for domain in domains:
+        folder = app.paths.data_dir(domain.name)
+        load_card(domain.name, app.paths)  # a clear error when the corpus is missing
+        write_tasks(domain.name, domain.data.source, folder)
+        rows = load_tasks(folder)
+        random.Random(f"{app.train.seed}:{domain.name}").shuffle(rows)
+        out.extend({"prompt": r["prompt"], "response": r["response"]} for r in rows[:share])
+    return out[:n]
 
 
 def feedback_instructions(app: AppConfig, spec: ExpertSpec) -> list[dict[str, str]]:

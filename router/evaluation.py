@@ -5,7 +5,9 @@ picks the adapter per block), `mixture` (the router's posterior-weighted top-k, 
 `routed` without the fallback model for blocks that look out of domain) and
 `mixture_context` (those experts re-weighted at every token by their likelihood of the text so far,
 Branch-Train-Merge's posterior; not served yet), on each domain's held-out test split - the same
-token blocks for every model. The off-diagonal shows forgetting.
+token blocks for every model. The off-diagonal shows forgetting. Then the task table
+(`router.task_eval`): multiple-choice accuracy and reference-answer loss per domain on items built
+from the test split, the everyday-question forgetting check, and each expert's model card updated.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from experts.errors import ArtifactError
 from experts.evaluate import block_nll, perplexity
 from experts.schema import AppConfig
 from experts.train import domain_blocks
+from router.task_eval import render_tasks, task_matrix, update_model_cards
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "- mean perplexity, mixture_context (weights updated by each expert's likelihood of the "
             f"text so far; not served yet) minus routed: {s['mixture_context_minus_routed_mean']}"
         )
+    if "tasks" in report:
+        lines += ["", render_tasks(report["tasks"]).rstrip("\n")]
     if "routing" in report:
         r = report["routing"]
         lines += [
@@ -208,20 +213,27 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def optional_router(app: AppConfig) -> Any | None:
+    """The trained router, or None (with a note) when there is none: its rows are then skipped."""
+    from router.model import load_router
+
+    try:
+        return load_router(app)
+    except ArtifactError as exc:
+        print(f"note: no router ({exc}); routed/mixture rows and the routing section are skipped")
+        return None
+
+
 def eval_command(app: AppConfig, ctx: Any) -> None:
     """`moe eval`: write artifacts/reports/eval.json, eval.md and plots."""
     out = app.paths.reports_dir
     out.mkdir(parents=True, exist_ok=True)
-    router = None
-    try:
-        from router.model import load_router
-
-        router = load_router(app)
-    except ArtifactError as exc:
-        print(f"note: no router ({exc}); routed/mixture rows and the routing section are skipped")
+    router = optional_router(app)
     start = time.perf_counter()
     report = perplexity_matrix(app, router)
     report["summary"] = summarise(report["perplexity"], report["domains"])
+    report["tasks"] = task_matrix(app, router)
+    update_model_cards(app, report["tasks"])
     if router is not None:
         from router.metrics import routing_report
 

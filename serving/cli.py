@@ -62,9 +62,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": Command(
         "router.evaluation:eval_command",
-        "Evaluate base, generalist, experts, routed and mixture perplexity, and the router.",
-        "moe eval [router=...]",
-        "Writes artifacts/reports/eval.json, eval.md and PNG plots.",
+        "Evaluate base, generalist, experts, routed and mixture: perplexity, domain tasks, the router.",
+        "moe eval [router=...] [train.task_items=32]",
+        "Writes artifacts/reports/eval.json, eval.md and PNG plots: perplexity per domain, then the task\n"
+        "table (multiple-choice accuracy and reference-answer loss on items built from each test split,\n"
+        "95% bootstrap intervals; everyday questions for forgetting), and each expert's model card.",
     ),
     "serve": Command(
         "serving.app:serve_command",

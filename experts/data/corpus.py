@@ -4,6 +4,8 @@ Output per expert, under `paths.data_dir(slug)` (artifacts/data/<slug>/):
   dataset/   a `datasets.DatasetDict` (train, validation, test; `instructions` when configured)
   card.json  sources and licence, documents/rows/tokens per split, what cleaning removed,
              the resolved data config and its hash (a second build with the same hash is a no-op)
+  instructions.jsonl  `moe data`: instruction tasks made from the train split (experts/data/tasks.py),
+             their counts in card.json's `tasks`
 Everything is written to a temporary folder first and renamed into place.
 """
 
@@ -28,6 +30,7 @@ from experts.data.clean import clean_documents
 from experts.data.instructions import load_instructions
 from experts.data.readers import BUILD_OPTIONS, Document, get_reader
 from experts.data.split import SPLITS, assign_splits, chunk_text
+from experts.data.tasks import write_tasks
 from experts.errors import ArtifactError, ConfigError, DataError
 from experts.schema import AppConfig, BaseModelSpec, ExpertSpec, PathsSpec
 
@@ -296,6 +299,7 @@ def data_command(app: AppConfig, ctx: Any) -> list[Path]:
         "near dup",
         "boilerplate lines",
         "seconds",
+        "instructions",
     ]
     table = [header]
     built: list[Path] = []
@@ -310,6 +314,7 @@ def data_command(app: AppConfig, ctx: Any) -> list[Path]:
         before = _card_hash(spec, app)
         path = build_corpus(spec, app, force=force, progress=True)
         built.append(path)
+        tasks = write_tasks(spec.name, spec.data.source, path)  # instruction tasks of the train split
         card = load_card(spec.name, app.paths)
         status = "cached" if before == card["config_hash"] and not force else "built"
         removed = card["cleaning"]["removed"]
@@ -327,6 +332,7 @@ def data_command(app: AppConfig, ctx: Any) -> list[Path]:
                 str(removed["near_duplicate"]),
                 str(removed["boilerplate_lines"]),
                 f"{time.perf_counter() - t:.1f}",
+                f"{tasks['rows']:,}",
             ]
         )
     if len(table) > 1:

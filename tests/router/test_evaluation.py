@@ -75,3 +75,24 @@ def test_eval_writes_matrix_routing_and_plots(user_conf, tiny_app, tmp_path):
         assert ppl["mixture_context"][d] <= ppl["mixture"][d] * 1.01
     assert "routing" in report and (reports / "perplexity_heatmap.png").stat().st_size > 1000
     assert "| routed |" in (reports / "eval.md").read_text()
+    # the task table: every row on every domain, accuracies and intervals that make sense
+    tasks = report["tasks"]
+    assert tasks["domains"] == ["cook", "toy"]
+    assert set(tasks["choice_accuracy"]) == {"base", "own expert", "routed", "mixture"}
+    for row in (*tasks["choice_accuracy"].values(), *tasks["answer_loss"].values()):
+        for d in tasks["domains"]:
+            s = row[d]
+            assert s["lo"] <= s["value"] <= s["hi"] and s["n"] == tasks["items"][d]["choices"] > 0
+    for row in tasks["choice_accuracy"].values():
+        assert all(0 <= row[d]["value"] <= 1 for d in tasks["domains"])
+    for d in tasks["domains"]:  # each question goes to its own expert: routed equals it
+        assert tasks["answer_loss"]["routed"][d]["value"] == pytest.approx(
+            tasks["answer_loss"]["own expert"][d]["value"], rel=1e-3
+        )
+    assert (
+        set(tasks["general"]) == {"base", "toy", "cook"} and tasks["general"]["base"]["change_vs_base"] == 0
+    )
+    md = (reports / "eval.md").read_text()
+    assert "## Multiple choice" in md and "## Everyday questions" in md
+    card = (tmp_path / "artifacts" / "experts" / "toy" / "README.md").read_text()
+    assert card.count("## Task scores") == 1 and "| this expert |" in card

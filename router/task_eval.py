@@ -1,0 +1,328 @@
+"""`moe eval`'s task table: do the experts answer their domain's questions?
+
+Per domain, on items built from the TEST split only (experts/data/tasks.py, the builders that make
+the training instructions from the train split):
+  (a) multiple-choice accuracy: 4 options (the document's own answer and three from other test
+      documents of the domain), scored by the mean log-likelihood per token of each option as the
+      answer in the chat format the endpoint uses;
+  (b) answer loss: the per-token loss (nats) of each question's reference answer, same format.
+Rows: the base model, the generalist, the domain's own expert, `routed` (the router's top-1 on the
+question) and `mixture` (its posterior-weighted top-k), with 95% bootstrap intervals over items and
+paired intervals for own expert - base and own expert - generalist. Every model on a domain gets the
+same tokens: that domain expert's system prompt.
+(c) forgetting: the answer loss of a small fixed set of everyday questions
+(tests/fixtures/general_instructions.yaml) under every model, against the base model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from experts.adapters import BASE, ExpertPool, adapter_dir
+from experts.config import REPO_ROOT
+from experts.data import load_corpus
+from experts.data.tasks import Choice, Task, build_choices, build_tasks, check_choices, split_documents
+from experts.errors import ArtifactError, DataError
+from experts.evaluate import chat_example, sequence_logprobs
+from experts.schema import AppConfig, ExpertSpec, GenerationSpec
+
+GENERAL_INSTRUCTIONS = REPO_ROOT / "tests" / "fixtures" / "general_instructions.yaml"
+MAX_LEN = 384  # tokens of one scored exchange (prompts are <= ~150 words, answers <= ~100)
+BOOTSTRAP = 1000  # resamples of the items for each interval
+OWN = "own expert"
+CARD_BEGIN, CARD_END = "<!-- moe-eval task scores -->", "<!-- /moe-eval task scores -->"
+Model = str | dict[str, float]  # one adapter for every row, or a mixture's weights
+
+
+def load_general_instructions(path: Path | None = None) -> list[dict[str, str]]:
+    """The everyday questions with reference answers of the forgetting check."""
+    rows = yaml.safe_load(Path(path or GENERAL_INSTRUCTIONS).read_text())
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and {"prompt", "response"} <= set(r) for r in rows
+    ):
+        raise DataError(f"{path or GENERAL_INSTRUCTIONS}: expected a list of {{prompt, response}} mappings")
+    return [{"prompt": str(r["prompt"]), "response": str(r["response"])} for r in rows]
+
+
+def domain_items(spec: ExpertSpec, app: AppConfig) -> tuple[list[Choice], list[Task]]:
+    """The domain's multiple-choice items and reference-answer questions, from its test split only."""
+    docs = split_documents(load_corpus(spec.name, app.paths)["test"])
+    choices = build_choices(spec.data.source, docs, app.train.task_items)
+    check_choices(
+        choices, spec.data.source, docs
+    )  # every key is its document's answer, every option a test doc
+    return choices, build_tasks(spec.data.source, docs, app.train.task_items)
+
+
+# --------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------
+def _scorer(
+    pool: ExpertPool, batch: int
+) -> Callable[[Sequence[tuple[list[int], list[int]]], Sequence[Model]], torch.Tensor]:
+    """score(examples, model per example) -> [n, 2] (summed log-probability, tokens)."""
+    pad = pool.tokenizer.pad_token_id or 0
+
+    def score(examples: Sequence[tuple[list[int], list[int]]], models: Sequence[Model]) -> torch.Tensor:
+        if all(isinstance(m, str) for m in models):
+            return sequence_logprobs(
+                lambda ids, mask, idx: pool.forward(ids, mask, [models[i] for i in idx]).logits,  # type: ignore[misc]
+                examples,
+                batch,
+                pad_id=pad,
+            )
+        return sequence_logprobs(
+            lambda ids, mask, idx: pool.mixture_logprobs(ids, mask, [models[i] for i in idx]),  # type: ignore[misc]
+            examples,
+            batch,
+            logprobs=True,
+            pad_id=pad,
+        )
+
+    return score
+
+
+def choice_correct(scores: torch.Tensor, choices: Sequence[Choice]) -> torch.Tensor:
+    """1.0 where the option with the highest mean log-likelihood per token is the keyed one."""
+    n = len(choices)
+    mean = (scores[:, 0] / scores[:, 1].clamp(min=1)).view(n, -1)
+    return (mean.argmax(dim=1) == torch.tensor([c.answer for c in choices])).float()
+
+
+def _resamples(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, n, (BOOTSTRAP, n), generator=torch.Generator().manual_seed(seed))
+
+
+def interval(values: torch.Tensor, weights: torch.Tensor | None = None, seed: int = 0) -> dict[str, float]:
+    """The (weighted) mean of per-item values and its 95% percentile-bootstrap interval over items."""
+    w = torch.ones_like(values) if weights is None else weights
+    idx = _resamples(len(values), seed)
+    boot = (values[idx] * w[idx]).sum(1) / w[idx].sum(1).clamp(min=1e-9)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+    return {
+        "value": round(float((values * w).sum() / w.sum()), 4),
+        "lo": round(lo, 4),
+        "hi": round(hi, 4),
+        "n": len(values),
+    }
+
+
+def _row_stats(kind: str, per_item: torch.Tensor, seed: int) -> dict[str, float]:
+    if kind == "accuracy":
+        return interval(per_item, seed=seed)
+    # [summed log-probability, tokens] per item -> the token-weighted loss, nats per token
+    return interval(-per_item[:, 0] / per_item[:, 1].clamp(min=1), per_item[:, 1], seed=seed)
+
+
+def _example_rows(
+    tok: Any, system: str, pairs: Sequence[tuple[str, str]]
+) -> list[tuple[list[int], list[int]]]:
+    return [chat_example(tok, system, p, r, MAX_LEN) for p, r in pairs]
+
+
+def task_matrix(
+    app: AppConfig, router: Any | None, pool: ExpertPool | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Multiple-choice accuracy and answer loss per domain and model, and the forgetting check."""
+    domains = [e for e in app.experts if e.routable]
+    trained = [
+        e.name for e in app.experts if (adapter_dir(e, app.paths) / "adapter_model.safetensors").exists()
+    ]
+    missing = sorted({d.name for d in domains} - set(trained))
+    if missing:
+        raise ArtifactError(f"no adapter for expert(s) {missing}; run `moe train expert=all` first")
+    pool = pool or ExpertPool.load(app, trained, device=app.train.device, precision=app.train.precision)
+    score = _scorer(pool, app.train.batch_size)
+    tok = pool.tokenizer
+    accuracy: dict[str, dict[str, Any]] = {}
+    loss: dict[str, dict[str, Any]] = {}
+    claims: dict[str, Any] = {}
+    items: dict[str, dict[str, int]] = {}
+    rows_per_domain = 3 + (2 if router is not None else 0)  # base, generalist, own, routed, mixture
+    bar = tqdm(total=len(domains) * rows_per_domain + 1, desc="eval tasks", disable=not progress)
+    for seed, spec in enumerate(domains):
+        choices, tasks = domain_items(spec, app)
+        system = spec.generation.system_prompt
+        mc = _example_rows(tok, system, [(c.question, o) for c in choices for o in c.options])
+        qa = _example_rows(tok, system, [(t.prompt, t.response) for t in tasks])
+        items[spec.name] = {"choices": len(choices), "questions": len(tasks)}
+        fixed = {BASE: BASE, OWN: spec.name}
+        if "generalist" in pool.adapters:
+            fixed["generalist"] = "generalist"
+        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (mc scores, qa scores)
+        for adapter in dict.fromkeys(fixed.values()):
+            cache[adapter] = (score(mc, [adapter] * len(mc)), score(qa, [adapter] * len(qa)))
+            bar.update(1)
+        results = {row: cache[adapter] for row, adapter in fixed.items()}
+        if router is not None:
+            results["routed"] = _routed(router, score, cache, choices, tasks, mc, qa)
+            bar.update(1)
+            mix_c, mix_t = (
+                router.mixture_weights([c.question for c in choices]),
+                router.mixture_weights([t.prompt for t in tasks]),
+            )
+            results["mixture"] = (
+                score(mc, [w for w in mix_c for _ in range(len(choices[0].options))])
+                if choices
+                else torch.zeros(0, 2),
+                score(qa, mix_t) if tasks else torch.zeros(0, 2),
+            )
+        per_item: dict[str, torch.Tensor] = {}
+        for row, (mc_scores, qa_scores) in results.items():
+            per_item[row] = choice_correct(mc_scores, choices) if choices else torch.zeros(0)
+            if choices:
+                accuracy.setdefault(row, {})[spec.name] = interval(per_item[row], seed=seed)
+            if tasks:
+                loss.setdefault(row, {})[spec.name] = _row_stats("loss", qa_scores, seed)
+        if choices:
+            claims[spec.name] = {
+                f"{OWN} - {other}": interval(per_item[OWN] - per_item[other], seed=seed)
+                for other in ("base", "generalist")
+                if other in per_item
+            }
+        bar.update(
+            rows_per_domain - len(cache) - (1 if router is not None else 0)
+        )  # mixture, or rows not run
+    general = _general(app, pool, score, tok)
+    bar.update(1)
+    bar.close()
+    return {
+        "domains": [d.name for d in domains],
+        "items": items,
+        "choice_accuracy": accuracy,
+        "answer_loss": loss,
+        "claims": claims,
+        "general": general,
+    }
+
+
+def _routed(
+    router: Any,
+    score: Callable[..., torch.Tensor],
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    choices: Sequence[Choice],
+    tasks: Sequence[Task],
+    mc: Sequence[tuple[list[int], list[int]]],
+    qa: Sequence[tuple[list[int], list[int]]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each question answered by the router's top-1 expert; scores reused where already computed."""
+    width = len(choices[0].options) if choices else 0
+    picks_c = [d.expert for d in router.decide([c.question for c in choices], policy="top1")]
+    picks_t = [d.expert for d in router.decide([t.prompt for t in tasks], policy="top1")]
+
+    def assemble(examples: Sequence[Any], picks: list[str], part: int) -> torch.Tensor:
+        out = torch.zeros(len(examples), 2)
+        todo = [i for i, p in enumerate(picks) if p not in cache]
+        if todo:
+            out[todo] = score([examples[i] for i in todo], [picks[i] for i in todo])
+        for i, p in enumerate(picks):
+            if p in cache:
+                out[i] = cache[p][part][i]
+        return out
+
+    return (
+        assemble(mc, [p for p in picks_c for _ in range(width)], 0),
+        assemble(qa, picks_t, 1),
+    )
+
+
+def _general(
+    app: AppConfig, pool: ExpertPool, score: Callable[..., torch.Tensor], tok: Any
+) -> dict[str, Any]:
+    """Answer loss of the everyday questions under every model, and its change against the base."""
+    rows = load_general_instructions()
+    examples = _example_rows(
+        tok, GenerationSpec().system_prompt, [(r["prompt"], r["response"]) for r in rows]
+    )
+    out: dict[str, Any] = {}
+    for model in [BASE, *pool.adapters]:
+        out[model] = _row_stats("loss", score(examples, [model] * len(examples)), 0)
+    base = out[BASE]["value"]
+    for stats in out.values():
+        stats["change_vs_base"] = round(stats["value"] / base - 1, 4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+def _cell(s: dict[str, float] | None, digits: int = 2) -> str:
+    return f"{s['value']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]" if s else "-"
+
+
+def render_tasks(report: dict[str, Any]) -> str:
+    """The task section of eval.md: accuracy and answer loss tables, the claims, forgetting."""
+    domains = report["domains"]
+    head = ["| model | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+    lines = [
+        "## Multiple choice on each domain's test split (accuracy, 4 options, chance 0.25; 95% bootstrap interval)",
+        "",
+        *head,
+    ]
+    for model, row in report["choice_accuracy"].items():
+        lines.append(f"| {model} | " + " | ".join(_cell(row.get(d)) for d in domains) + " |")
+    lines += [
+        "",
+        "## Reference-answer loss (nats per token, lower is better; 95% bootstrap interval)",
+        "",
+        *head,
+    ]
+    for model, row in report["answer_loss"].items():
+        lines.append(f"| {model} | " + " | ".join(_cell(row.get(d), 3) for d in domains) + " |")
+    wins = {
+        other: [d for d, c in report["claims"].items() if c.get(f"{OWN} - {other}", {}).get("lo", 0) > 0]
+        for other in ("base", "generalist")
+    }
+    lines += [""]
+    for other, won in wins.items():
+        lines.append(
+            f"- own expert beats {other} on accuracy outside the paired interval: {len(won)} of {len(domains)} {won}"
+        )
+    lines += ["", "## Everyday questions (forgetting): answer loss and change against the base model", ""]
+    lines += ["| model | nats per token | change vs base |", "|---|---|---|"]
+    for model, s in report["general"].items():
+        lines.append(f"| {model} | {_cell(s, 3)} | {s['change_vs_base']:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def card_section(report: dict[str, Any], name: str) -> str:
+    """The task scores of one expert for its model card."""
+    lines = [CARD_BEGIN, "## Task scores (`moe eval`)", ""]
+    acc, loss = report["choice_accuracy"], report["answer_loss"]
+    if name in report["domains"]:
+        lines += ["| model | multiple-choice accuracy | answer loss (nats/token) |", "|---|---|---|"]
+        for row in ("base", "generalist", OWN):
+            if row in acc or row in loss:
+                label = "this expert" if row == OWN else row
+                lines.append(
+                    f"| {label} | {_cell(acc.get(row, {}).get(name))} | {_cell(loss.get(row, {}).get(name), 3)} |"
+                )
+        lines.append("")
+    g = report["general"].get(name)
+    if g:
+        lines.append(
+            f"Everyday questions: answer loss {_cell(g, 3)} nats/token, {g['change_vs_base']:+.1%} against the base model."
+        )
+    return "\n".join([*lines, CARD_END]) + "\n"
+
+
+def update_model_cards(app: AppConfig, report: dict[str, Any]) -> list[Path]:
+    """Put each trained expert's task scores into its model card (replacing earlier ones). Cards of
+    adapters registered from elsewhere (`adapter_path`) are left alone."""
+    written = []
+    for spec in app.experts:
+        card = app.paths.expert_dir(spec.name) / "README.md"
+        if spec.adapter_path or not card.exists():
+            continue
+        text = card.read_text()
+        if CARD_BEGIN in text and CARD_END in text:
+            text = text[: text.index(CARD_BEGIN)] + text[text.index(CARD_END) + len(CARD_END) :].lstrip("\n")
+        card.write_text(text.rstrip("\n") + "\n\n" + card_section(report, spec.name))
+        written.append(card)
+    return written
