@@ -46,7 +46,7 @@ from decode_bench import imitate_avx2  # noqa: E402  (benchmarks/ is on sys.path
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.base_model import load_base_model, load_tokenizer  # noqa: E402
 from experts.config import compose  # noqa: E402
-from experts.hardware import machine_report  # noqa: E402
+from experts.hardware import machine_report, read_bandwidth_gb_s  # noqa: E402
 from experts.schema import AppConfig  # noqa: E402
 from serving.decoder import decoder_for  # noqa: E402
 from serving.engine import serving_weights  # noqa: E402
@@ -317,14 +317,7 @@ def bandwidth(weight_bytes: int, repeats: int = 5) -> dict[str, Any]:
     """The physical limit of batch-1 decoding here: every weight is read once per token, so
     tokens/s <= read bandwidth / weight bytes. The bandwidth is measured, not assumed: torch
     summing one 512 MiB fp32 tensor at the pool's thread count (median of `repeats`)."""
-    data = torch.ones(2**27, dtype=torch.float32)
-    data.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    gb_s = data.numel() * 4 / statistics.median(times) / 1e9
+    gb_s = read_bandwidth_gb_s(repeats)
     return {
         "read_gb_s": round(gb_s, 1),
         "weight_bytes_per_token": weight_bytes,
