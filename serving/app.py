@@ -13,8 +13,6 @@ the experts' files, so the same app spreads over GPUs or nodes by config alone.
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -35,9 +33,9 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from experts.adapters import BASE, adapter_dir, check_adapter
-from experts.errors import ArtifactError, ConfigError, MoeError, UnknownExpertError
-from experts.schema import AppConfig, ExpertSpec, GenerationSpec, ResourceSpec
+from experts.adapters import BASE
+from experts.errors import ConfigError, MoeError
+from experts.schema import AppConfig, ResourceSpec
 from serving.api import (
     AUTO,
     RETRY_AFTER_S,
@@ -57,49 +55,22 @@ from serving.api import (
     key_accepted,
     now,
 )
-from serving.engine import (
-    Delta,
-    GenerationRequest,
-    SamplingParams,
-    adapter_version,
-    loaded_versions,
-    open_batch,
-    paced,
+from serving.catalogue import (
+    build_catalogue,
+    check_retrieval,
+    load_router_or_reason,
+    reload_catalogue,
+    served_experts,
 )
+from serving.engine import Delta, GenerationRequest, loaded_versions, open_batch, paced
+from serving.openai_format import completion, error_type, events, meta, routing, usage
+from serving.pipeline import Completion, CompletionPipeline
 from serving.proposals import load_summary
-from serving.querylog import QueryEntry, QueryLog, query_log_url
+from serving.querylog import QueryLog, query_log_url
 from serving.review import review_router
 
 log = logging.getLogger("serving")
 APP_NAME = "moe"
-ROUTING_KEYS = ("expert", "experts", "confidence", "decision")
-
-
-# Defined before the deployments: Ray Serve pickles a deployment class by value when it is
-# decorated, so module functions its methods call must already exist then.
-def served_experts(app: AppConfig) -> tuple[list[str], dict[str, str]]:
-    """Experts whose adapter is complete, and why the others are left out."""
-    ok, missing = [], {}
-    for spec in app.experts:
-        try:
-            check_adapter(spec.name, adapter_dir(spec, app.paths))
-            ok.append(spec.name)
-        except ArtifactError as exc:
-            missing[spec.name] = str(exc)
-    return ok, missing
-
-
-def check_retrieval(app: AppConfig, served: list[str]) -> None:
-    """Refuse to start when a served expert grounds its answers but its index was never built."""
-    from experts.retrieval import index_dir
-
-    for spec in app.experts:
-        folder = index_dir(app.paths, spec.name)
-        if spec.name in served and spec.serving.retrieval and not (folder / "vocabulary.json").exists():
-            raise ArtifactError(
-                f"expert {spec.name!r} has serving.retrieval: true but no retrieval index in {folder}; "
-                f"build it with `moe index expert={spec.name}` (or set serving.retrieval: false)"
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,15 +215,6 @@ async def _typed_error(request: Request, exc: MoeError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data)}\n\n"
-
-
-def _error_type(response: JSONResponse) -> str:
-    """The OpenAI error type of an error response (the query log's status of a failed request)."""
-    return str(json.loads(bytes(response.body))["error"]["type"])
-
-
 _RID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -263,9 +225,25 @@ def _request_id(request: Request) -> str:
     return rid if _RID.fullmatch(rid) else uuid.uuid4().hex
 
 
-# One Ingress per replica process: the review routes, mounted on the module-level FastAPI app,
-# reach that replica's query log, keys and router labels through this.
-_REPLICA: dict[str, Any] = {}
+def error_response(exc: BaseException, rid: str) -> JSONResponse:
+    """The one typed HTTP error a failed request gets (OpenAI's shape); a 500 is logged with `rid`."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    gone = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+    if isinstance(exc, BackPressureError):
+        exc = OverloadedError(f"the server is at capacity; retry in {RETRY_AFTER_S} s")
+    elif isinstance(exc, gone):  # a pool replica died mid-request; Ray Serve replaces it
+        log.warning("request %s: expert pool replica unavailable: %s", rid, exc)
+        exc = UnavailableError(f"the expert pool is restarting; retry in {RETRY_AFTER_S} s")
+    status, body = error_of(exc)
+    headers: dict[str, str] = {}  # Ray Serve's proxy adds X-Request-Id (the same id: see `_request_id`)
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status == 500:
+        log.exception("request %s failed", rid, exc_info=exc)
+        body["error"]["message"] = f"internal error (request id {rid}); the server log has the details"
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _require_key(request: Request) -> None:
@@ -284,12 +262,13 @@ def _replica_log() -> QueryLog:
 
 def _review_labels() -> list[str] | None:
     ingress = _ingress()
-    return list(ingress.router.labels) if ingress is not None and ingress.router is not None else None
+    router = ingress.catalogue.router if ingress is not None else None
+    return list(router.labels) if router is not None else None
 
 
 def _review_clusters() -> dict[str, Any] | None:
     ingress = _ingress()
-    return load_summary(ingress.config) if ingress is not None else None
+    return load_summary(ingress.catalogue.config) if ingress is not None else None
 
 
 # The page itself is static HTML with no data in it; its JSON API checks the API key.
@@ -303,7 +282,8 @@ api.include_router(
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    """Validates, routes in-process, tokenises, and hands requests to the expert pool(s)."""
+    """The routes: authenticates, parses, runs the completion pipeline (`serving.pipeline`) against
+    the pool handles, and formats its answer as OpenAI JSON or server-sent events."""
 
     def __init__(
         self,
@@ -316,85 +296,32 @@ class Ingress:
         import torch
 
         from experts.base_model import load_tokenizer
+        from experts.config import expert_files
         from serving.metrics import Metrics
 
         torch.set_num_threads(app.serve.ingress.torch_threads)
-        self.config = app
         self.pools = pools
-        self.placement = placement  # served model name ("base" or a slug) -> pool deployment
         self.api_keys = set(api_keys)
-        self.specs: dict[str, ExpertSpec] = {e.name: e for e in app.experts if e.name in placement}
-        self.sources = self._sources(app, self.specs)
-        from experts.config import expert_files
-
         self.files_at_start = set(expert_files())  # files the config chose from when it was composed
-        self.tokenizer = load_tokenizer(app.base_model, app.paths)
-        self.metrics = Metrics()
-        self.router: Any = None
-        self.router_error = ""
-        self.router, self.router_error = self._load_router(app)
-        # Retrieval indexes of the experts that ground their answers (build_app checked they exist).
-        self.retrievers = self._retrievers(app, self.specs, {})
+        # What is served, swapped whole by a reload: a request reads it once (see serving.catalogue).
+        self.catalogue = build_catalogue(app, placement, *load_router_or_reason(app))
         # Every request goes to the query log; `record` never blocks or raises, `close` drains it.
         self.log = QueryLog(log_url) if log_url else None
-        _REPLICA["ingress"] = self
+        self.pipeline = CompletionPipeline(
+            load_tokenizer(app.base_model, app.paths),
+            self._generate,
+            Metrics(),
+            self.log.record if self.log is not None else None,
+        )
 
     def __del__(self) -> None:  # Ray Serve calls this when it stops the replica
         if getattr(self, "log", None) is not None:
             self.log.close()
 
-    # -- helpers ---------------------------------------------------------------------------
-    @staticmethod
-    def _sources(app: AppConfig, specs: dict[str, ExpertSpec]) -> dict[str, tuple[str, float]]:
-        folders = {name: adapter_dir(spec, app.paths) for name, spec in specs.items()}
-        return {name: (str(folder), adapter_version(folder)) for name, folder in folders.items()}
-
-    @staticmethod
-    def _load_router(app: AppConfig) -> tuple[Any, str]:
-        """The router, or None and why. A router trained for another set of experts (an expert file
-        added or removed since) still routes among the experts it knows, with a warning: better than
-        `auto` being down until `moe train-router` has run."""
-        from router.model import load_router
-
-        try:
-            return load_router(app), ""
-        except MoeError as exc:
-            try:
-                router = load_router(app, strict=False)
-            except MoeError:  # the endpoint still serves named experts; `auto` answers 503
-                log.error("router unavailable: %s", exc)
-                return None, str(exc)
-            log.warning("%s; routing among %s until `moe train-router` has run", exc, router.labels)
-            return router, ""
-
-    @staticmethod
-    def _retrievers(app: AppConfig, specs: dict[str, ExpertSpec], have: dict[str, Any]) -> dict[str, Any]:
-        """The retrieval index of every served expert with `serving.retrieval: true` (reuses `have`)."""
-        from experts.retrieval import load_index
-
-        return {
-            name: have.get(name) or load_index(app, name)
-            for name, spec in specs.items()
-            if spec.serving.retrieval
-        }
-
-    async def _ground(self, decision: Any, question: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """The grounded prompt and its sources when the answering expert retrieves; else (None, [])."""
-        from experts.retrieval import grounded_prompt
-
-        index = self.retrievers.get(decision.expert)
-        if index is None:
-            return None, []
-        k = self.specs[decision.expert].serving.retrieval_top_k
-        passages = await asyncio.to_thread(index.search, question, k)
-        return grounded_prompt(question, passages), [p.to_dict() for p in passages]
-
-    def _record(self, entry: QueryEntry) -> None:
-        if self.log is not None:
-            self.log.record(entry)
-
-    def _models(self) -> list[str]:
-        return [AUTO, BASE, *sorted(self.specs)]
+    def _generate(self, deployment: str, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """The pipeline's pool: stream `request`'s deltas from the pool deployment's handle."""
+        # stream=True: a DeploymentResponseGenerator, which iterates as an AsyncIterator[Delta]
+        return self.pools[deployment].options(stream=True).generate.remote(request)  # type: ignore[return-value]
 
     def _auth(self, request: Request) -> None:
         if not self.api_keys:
@@ -402,202 +329,44 @@ class Ingress:
         if not key_accepted(request.headers.get("authorization", ""), self.api_keys):
             raise AuthError("missing or invalid API key (Authorization: Bearer <key>)")
 
-    async def _decide(self, model: str, text: str) -> Any:
-        from router.model import RoutingDecision
-
-        if model == AUTO:
-            if self.router is None:
-                raise UnavailableError(f"model 'auto' needs the router: {self.router_error}")
-            # A linear classifier call: cheaper in-process than a network hop; a thread keeps
-            # the event loop free for slower (embedding) pipelines.
-            (decision,) = await asyncio.to_thread(self.router.decide, [text])
-            decision = self._servable(decision)
-            self.metrics.routed(decision.confidence, decision.decision)
-            return decision
-        if model not in self.placement:
-            self._refuse_unserved(model)
-            raise UnknownExpertError(model, self._models())
-        return RoutingDecision.forced(model)
-
-    def _servable(self, decision: Any) -> Any:
-        """The router's decision restricted to experts this endpoint serves (an expert whose adapter
-        is not trained yet): the rest of a mixture is renormalised; with none left, the fallback."""
-        served = {k: w for k, w in decision.experts.items() if k in self.placement}
-        if len(served) == len(decision.experts):
-            return decision
-        log.warning("router chose %s, not served here; answering with what is", sorted(decision.experts))
-        if not served:
-            fallback = self.config.router.fallback_model
-            fallback = fallback if fallback in self.placement else BASE
-            return dataclasses.replace(
-                decision, expert=fallback, experts={fallback: 1.0}, decision="fallback"
-            )
-        total = sum(served.values())
-        weights = {k: w / total for k, w in served.items()}
-        return dataclasses.replace(
-            decision,
-            expert=max(weights, key=weights.__getitem__),
-            experts=weights,
-            decision="mixture" if len(weights) > 1 else "routed",
-        )
-
-    def _generation(self, name: str) -> GenerationSpec:
-        spec = self.specs.get(name)
-        return spec.generation if spec else GenerationSpec()
-
-    def _prompt_ids(
-        self,
-        body: ChatCompletionRequest | CompletionRequest,
-        gen: GenerationSpec,
-        grounded: str | None = None,
-    ) -> list[int]:
-        """Token ids of the prompt; `grounded` (question + sources) replaces the last user turn."""
-        if isinstance(body, CompletionRequest):
-            ids = self.tokenizer(grounded or body.text(), add_special_tokens=True).input_ids
-            param = "prompt"
-        else:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            if grounded is not None:
-                users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-                messages[users[-1] if users else -1]["content"] = grounded  # the routed text
-            for m in messages:
-                if m["role"] == "developer":
-                    m["role"] = "system"
-            if not any(m["role"] == "system" for m in messages):
-                messages.insert(0, {"role": "system", "content": gen.system_prompt})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
-            param = "messages"
-        limit = self.config.serve.max_prompt_tokens
-        if len(ids) > limit:
-            raise RequestError(
-                f"prompt is {len(ids)} tokens; this server accepts at most {limit} (serve.max_prompt_tokens)",
-                param=param,
-                code="context_length_exceeded",
-            )
-        if not ids:
-            raise RequestError("the prompt is empty", param=param)
-        return ids
-
-    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest, gen: GenerationSpec) -> int:
-        limit = self.config.serve.max_tokens_limit
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if asked is not None and asked > limit:
-            raise RequestError(
-                f"max_tokens {asked} exceeds this server's limit of {limit} (serve.max_tokens_limit)",
-                param="max_tokens",
-            )
-        return asked or min(gen.max_new_tokens, limit)
-
-    def _target(self, decision: Any) -> tuple[DeploymentHandle, dict[str, float]]:
-        """The pool that serves the decision and the mixture weights it can serve there."""
-        missing = [name for name in decision.experts if name not in self.placement]
-        if decision.expert not in self.placement:
-            raise UnavailableError(
-                f"expert {decision.expert!r} has no adapter loaded; run `moe train expert={decision.expert}`"
-            )
-        where = self.placement[decision.expert]
-        experts = {k: v for k, v in decision.experts.items() if self.placement.get(k) == where}
-        if missing or len(experts) < len(decision.experts):
-            log.warning("mixture %s served as %s (other experts live elsewhere)", decision.experts, experts)
-        return self.pools[where], experts
-
-    def _refuse_unserved(self, model: str) -> None:
-        """A configured expert whose adapter did not load: say why (503), not just 'unknown'."""
-        if model in {e.name for e in self.config.experts}:
-            reason = served_experts(self.config)[1].get(model, "its adapter is not loaded")
-            raise UnavailableError(f"expert {model!r} is configured but not served: {reason}")
-
-    def _error(self, exc: BaseException, rid: str) -> JSONResponse:
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
-
-        gone = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
-        if isinstance(exc, BackPressureError):
-            exc = OverloadedError(f"the server is at capacity; retry in {RETRY_AFTER_S} s")
-        elif isinstance(exc, gone):  # a pool replica died mid-request; Ray Serve replaces it
-            log.warning("request %s: expert pool replica unavailable: %s", rid, exc)
-            exc = UnavailableError(f"the expert pool is restarting; retry in {RETRY_AFTER_S} s")
-        status, body = error_of(exc)
-        headers: dict[str, str] = {}  # Ray Serve's proxy adds X-Request-Id (the same id: see `_request_id`)
-        if status == 503:
-            headers["Retry-After"] = str(RETRY_AFTER_S)
-        if status == 500:
-            log.exception("request %s failed", rid, exc_info=exc)
-            body["error"]["message"] = f"internal error (request id {rid}); the server log has the details"
-        return JSONResponse(body, status_code=status, headers=headers)
-
     # -- the generation path ---------------------------------------------------------------
     async def _complete(self, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
-        rid = _request_id(request)
-        arrived, started = time.time(), time.perf_counter()
+        state = Completion.of(body, _request_id(request))
+        catalogue = self.catalogue  # read once: a reload meanwhile does not change this request's
         chat = isinstance(body, ChatCompletionRequest)
-        decision: Any = None
-        sources: list[dict[str, Any]] = []
-        prompt: list[int] = []
-        route_text = ""
         try:
             self._auth(request)
-            body.refuse_unsupported()
-            if chat:
-                users = [m.text() for m in body.messages if m.role == "user"]
-                route_text = users[-1] if users else body.messages[-1].text()
-            else:
-                route_text = body.text()
-            decision = await self._decide(body.model, route_text)
-            gen = self._generation(decision.expert)
-            max_tokens = self._max_tokens(body, gen)
-            grounded, sources = await self._ground(decision, route_text)
-            prompt = self._prompt_ids(body, gen, grounded)
-            handle, experts = self._target(decision)
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=gen.temperature if body.temperature is None else body.temperature,
-                top_p=gen.top_p if body.top_p is None else body.top_p,
-                repetition_penalty=gen.repetition_penalty,
-                stop=body.stops(),
-                ignore_eos=body.ignore_eos,
-            )
-            # The adapter versions let a replica that lacks one (added while serving) load it first.
-            adapters = {k: self.sources[k] for k in experts if k in self.sources}
-            request_ = GenerationRequest(tuple(prompt), experts, params, adapters, stream=bool(body.stream))
-            stream = handle.options(stream=True).generate.remote(request_)
-            # Queue-full and pool errors surface here, before any byte: a typed HTTP error.
-            first: Delta = await stream.__anext__()
-            if first.error is not None:  # the pool refused this request (its batch went on)
-                raise first.error
+            first, stream = await self.pipeline.open(catalogue, body, state)
         except Exception as exc:  # the top of a request: every failure becomes one typed HTTP error
-            response = self._error(exc, rid)
-            expert = decision.expert if decision is not None else body.model
-            self.metrics.finished(expert, getattr(decision, "decision", "none"), response.status_code, 0.0)
-            if not isinstance(exc, AuthError):  # an unauthenticated caller writes nothing
-                outcome = _error_type(response)
-                self._record(
-                    self._entry(rid, arrived, started, body, route_text, decision, "", [], prompt, 0, outcome)
-                )
+            response = error_response(exc, state.rid)
+            # An unauthenticated caller writes nothing to the query log.
+            self.pipeline.failed(
+                state, response.status_code, error_type(response), logged=not isinstance(exc, AuthError)
+            )
             return response
-        routing = {k: getattr(decision, k) for k in ROUTING_KEYS}
+        decision = state.decision
+        assert decision is not None  # the pipeline decided before it asked the pool
+        routed = routing(decision)
         headers = {"X-MoE-Expert": decision.expert}
-        meta = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
-            "created": now(),
-            "model": decision.expert,
-        }
+        head = meta(state.rid, chat, decision.expert, now())
+        prompt_tokens = len(state.prompt)
 
         def done(text: str, tokens: int, status: int = 200, outcome: str = "ok") -> None:
-            self.metrics.finished(
-                decision.expert, decision.decision, status, time.perf_counter() - started, len(prompt), tokens
-            )
-            self._record(
-                self._entry(
-                    rid, arrived, started, body, route_text, decision, text, sources, prompt, tokens, outcome
-                )
-            )
+            self.pipeline.finished(state, text, tokens, status, outcome)
 
         if body.stream:
             return StreamingResponse(
-                self._events(
-                    stream, first, meta, routing, sources, chat, len(prompt), done, body.include_usage()
+                events(
+                    stream,
+                    first,
+                    head,
+                    routed,
+                    state.sources,
+                    chat,
+                    prompt_tokens,
+                    done,
+                    error_response,
+                    body.include_usage(),
                 ),
                 media_type="text/event-stream",
                 headers=headers,
@@ -610,138 +379,28 @@ class Ingress:
                 text += delta.text
                 last = delta
         except Exception as exc:
-            response = self._error(exc, rid)
-            done(text, last.completion_tokens, response.status_code, _error_type(response))
+            response = error_response(exc, state.rid)
+            done(text, last.completion_tokens, response.status_code, error_type(response))
             return response
         done(text, last.completion_tokens)
-        usage = {
-            "prompt_tokens": len(prompt),
-            "completion_tokens": last.completion_tokens,
-            "total_tokens": len(prompt) + last.completion_tokens,
-        }
+        used = usage(prompt_tokens, last.completion_tokens)
         finish = last.finish_reason or "length"
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            payload = {**meta, "object": "chat.completion", "choices": [choice]}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            payload = {**meta, "object": "text_completion", "choices": [choice]}
-        extra = {"sources": sources} if sources else {}
-        return JSONResponse({**payload, "usage": usage, "routing": routing, **extra}, headers=headers)
-
-    @staticmethod
-    def _entry(
-        rid: str,
-        arrived: float,
-        started: float,
-        body: ChatCompletionRequest | CompletionRequest,
-        question: str,
-        decision: Any,
-        output: str,
-        sources: list[dict[str, Any]],
-        prompt: list[int],
-        completion_tokens: int,
-        status: str,
-    ) -> QueryEntry:
-        """The query-log row of one request (answered or failed)."""
-        return QueryEntry(
-            prompt=question,
-            request_id=rid,
-            ts=arrived,
-            model=body.model,
-            expert=getattr(decision, "expert", None),
-            experts=dict(getattr(decision, "experts", {}) or {}),
-            confidence=getattr(decision, "confidence", None),
-            decision=getattr(decision, "decision", None),
-            output=output,
-            sources=sources,
-            latency_s=time.perf_counter() - started,
-            prompt_tokens=len(prompt),
-            completion_tokens=completion_tokens,
-            status=status,
-            endpoint="chat" if isinstance(body, ChatCompletionRequest) else "completions",
-        )
-
-    async def _events(
-        self,
-        stream: Any,
-        first: Delta,
-        meta: dict[str, Any],
-        routing: dict[str, Any],
-        sources: list[dict[str, Any]],
-        chat: bool,
-        prompt_tokens: int,
-        done: Any,
-        include_usage: bool = False,
-    ) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format; the first chunk carries `routing` (and `sources`).
-        `usage` rides on the chunk with `finish_reason`, or, with `stream_options.include_usage`, on one
-        last chunk with empty `choices`, as OpenAI sends it (clients read it there)."""
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(text: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {} if text is None else {"content": text}
-                if extra.pop("role", False):
-                    delta["role"] = "assistant"
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return {**meta, "object": obj, "choices": [choice], **extra}
-
-        last, text, finished = first, "", False
-        try:
-            extra = {"sources": sources} if sources else {}
-            yield _sse(chunk("", None, role=True, routing=routing, **extra))
-            pending: list[Delta] = [first]
-            while True:
-                for delta in pending:
-                    if delta.error is not None:  # failed mid-decode: an error event ends the stream
-                        raise delta.error
-                    last = delta
-                    if delta.text:
-                        text += delta.text
-                        yield _sse(chunk(delta.text, None))
-                if last.finish_reason:
-                    break
-                try:
-                    pending = [await stream.__anext__()]
-                except StopAsyncIteration:
-                    break
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": last.completion_tokens,
-                "total_tokens": prompt_tokens + last.completion_tokens,
-            }
-            finish = last.finish_reason or "length"
-            if include_usage:
-                yield _sse(chunk(None, finish))
-                yield _sse({**meta, "object": obj, "choices": [], "usage": usage})
-            else:
-                yield _sse(chunk(None, finish, usage=usage))
-            yield "data: [DONE]\n\n"
-            finished = True
-            done(text, last.completion_tokens)
-        except Exception as exc:  # headers are gone: report in-band, as OpenAI does
-            finished = True
-            response = self._error(exc, meta["id"].split("-", 1)[1])  # logs a 500 with the request id
-            done(text, last.completion_tokens, response.status_code, _error_type(response))
-            yield f"data: {bytes(response.body).decode()}\n\n"
-        finally:
-            if not finished:  # the client went away mid-stream: log what it was sent
-                done(text, last.completion_tokens, 499, "client_closed")
+        payload = completion(head, chat, text, finish, used, routed, state.sources)
+        return JSONResponse(payload, headers=headers)
 
     # -- routes ------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "router": self.router is not None, "experts": sorted(self.specs)}
+        catalogue = self.catalogue
+        return {"status": "ok", "router": catalogue.router is not None, "experts": sorted(catalogue.specs)}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
         try:
             self._auth(request)
         except AuthError as exc:
-            return self._error(exc, "-")
+            return error_response(exc, "-")
+        catalogue = self.catalogue
         created = now()
         data = [
             {
@@ -753,8 +412,8 @@ class Ingress:
             }
             for name, desc in [
                 (AUTO, "the router picks the expert (or a mixture, or the fallback)"),
-                (BASE, f"the base model {self.config.base_model.name} without adapters"),
-                *[(s.name, s.description) for s in sorted(self.specs.values(), key=lambda s: s.name)],
+                (BASE, f"the base model {catalogue.config.base_model.name} without adapters"),
+                *[(s.name, s.description) for s in sorted(catalogue.specs.values(), key=lambda s: s.name)],
             ]
         ]
         return {"object": "list", "data": data}
@@ -770,44 +429,20 @@ class Ingress:
                 text = users[-1] if users else body.messages[-1].text()
             if not text:
                 raise RequestError("give `text` or `messages` to route", param="text")
-            if self.router is None:
-                raise UnavailableError(f"no router: {self.router_error}")
-            (decision,) = await asyncio.to_thread(self.router.decide, [text], body.policy)
+            router, reason = self.catalogue.router, self.catalogue.router_error
+            if router is None:
+                raise UnavailableError(f"no router: {reason}")
+            (decision,) = await asyncio.to_thread(router.decide, [text], body.policy)
             return JSONResponse(decision.to_dict(), headers={"X-MoE-Expert": decision.expert})
         except Exception as exc:  # top of a request
-            return self._error(exc, rid)
+            return error_response(exc, rid)
 
     def _reload(self) -> dict[str, Any]:
         """Re-read the expert files and the router; new adapters load on first use in each replica."""
-        from experts.config import expert_files, load_expert_file
-        from router.model import load_router
-
-        files = expert_files()
-        chosen = {e.name for e in self.config.experts} | (set(files) - self.files_at_start)
-        app = dataclasses.replace(
-            self.config, experts=tuple(load_expert_file(files[n]) for n in sorted(chosen & set(files)))
-        )
-        ok, missing = served_experts(app)
-        router = load_router(app)  # refuses a router trained for other experts; the old one stays
-        pool = self.placement[BASE]
-        placement = {
-            BASE: pool,
-            **{n: self.placement.get(n, pool) for n in ok},
-        }  # new experts: the shared pool
-        specs = {e.name: e for e in app.experts if e.name in placement}
-        before = set(self.specs)
-        check_retrieval(app, list(specs))
-        self.retrievers = self._retrievers(app, specs, self.retrievers)
-        self.sources = self._sources(app, specs)
-        self.config, self.specs, self.placement = app, specs, placement
-        self.router, self.router_error = router, ""
-        log.info("reloaded: experts %s", sorted(specs))
-        return {
-            "experts": sorted(specs),
-            "added": sorted(set(specs) - before),
-            "removed": sorted(before - set(specs)),
-            "not_served": missing,
-        }
+        catalogue, report = reload_catalogue(self.catalogue, self.files_at_start)
+        self.catalogue = catalogue  # one assignment: a request sees the old catalogue or the new
+        log.info("reloaded: experts %s", report["experts"])
+        return report
 
     @api.post("/admin/reload")
     async def reload(self, request: Request) -> Any:
@@ -817,7 +452,7 @@ class Ingress:
             self._auth(request)
             return await asyncio.to_thread(self._reload)
         except Exception as exc:  # top of a request
-            return self._error(exc, rid)
+            return error_response(exc, rid)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
