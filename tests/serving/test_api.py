@@ -8,7 +8,7 @@ def test_overload_and_typed_errors_map_to_openai_errors_in_one_place():
 
     from experts.errors import UnknownExpertError
     from serving.api import OverloadedError, RequestError, error_of
-    from serving.app import error_response
+    from serving.ingress import error_response
 
     assert error_of(RequestError("too long", param="prompt"))[0] == 400
     status, body = error_of(UnknownExpertError("lgal", ["legal"]))
@@ -26,8 +26,8 @@ def test_a_request_failing_mid_stream_ends_with_an_error_event():
     import json
 
     from experts.errors import ArtifactError
-    from serving.app import error_response
     from serving.engine import Delta
+    from serving.ingress import error_response
     from serving.openai_format import events as openai_events
 
     meta = {"id": "cmpl-r7", "created": 0, "model": "legal"}
