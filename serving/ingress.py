@@ -315,10 +315,10 @@ class Ingress:
                 text = users[-1] if users else body.messages[-1].text()
             if not text:
                 raise RequestError("give `text` or `messages` to route", param="text")
-            router, reason = self.catalogue.router, self.catalogue.router_error
-            if router is None:
-                raise UnavailableError(f"no router: {reason}")
-            (decision,) = await asyncio.to_thread(router.decide, [text], body.policy)
+            catalogue = self.catalogue
+            if catalogue.router is None:
+                raise UnavailableError(f"no router: {catalogue.router_error}")
+            (decision,) = await asyncio.to_thread(catalogue.router.decide, [text], body.policy)
             return JSONResponse(decision.to_dict(), headers={"X-MoE-Expert": decision.expert})
         except Exception as exc:  # top of a request
             return error_response(exc, rid)

@@ -233,3 +233,18 @@ def test_a_reload_builds_a_new_frozen_catalogue_and_leaves_the_old_one_whole(ser
     assert report["added"] == ["biomedical", "python_docs"] and report["removed"] == []
     assert sorted(current.specs) == ["legal"] and set(current.placement) == {"base", "legal"}
     assert fresh.placement == {"base": "pool", **{n: "pool" for n in SERVED}}
+
+
+def test_the_pipeline_imports_neither_ray_nor_fastapi():
+    """The request path's middle layer stays plain Python: unit-testable, and usable outside Serve."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serving.pipeline, serving.catalogue, serving.openai_format; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'fastapi', 'starlette'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"
