@@ -8,7 +8,7 @@ def test_overload_and_typed_errors_map_to_openai_errors_in_one_place():
 
     from experts.errors import UnknownExpertError
     from serving.api import OverloadedError, RequestError, error_of
-    from serving.app import Ingress
+    from serving.ingress import error_response
 
     assert error_of(RequestError("too long", param="prompt"))[0] == 400
     status, body = error_of(UnknownExpertError("lgal", ["legal"]))
@@ -16,9 +16,7 @@ def test_overload_and_typed_errors_map_to_openai_errors_in_one_place():
     assert error_of(OverloadedError("full"))[0] == 503
     assert error_of(RuntimeError("boom"))[0] == 500
     # Ray Serve's queue-full error becomes 503 + Retry-After, never a hang or a bare 500
-    response = Ingress.func_or_class._error(
-        None, BackPressureError(num_queued_requests=9, max_queued_requests=8), "r1"
-    )
+    response = error_response(BackPressureError(num_queued_requests=9, max_queued_requests=8), "r1")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert b"at capacity" in response.body
 
@@ -26,14 +24,12 @@ def test_overload_and_typed_errors_map_to_openai_errors_in_one_place():
 def test_a_request_failing_mid_stream_ends_with_an_error_event():
     import asyncio
     import json
-    import types
 
     from experts.errors import ArtifactError
-    from serving.app import Ingress
     from serving.engine import Delta
+    from serving.ingress import error_response
+    from serving.openai_format import events as openai_events
 
-    cls = Ingress.func_or_class
-    ingress = types.SimpleNamespace(_error=lambda exc, rid: cls._error(None, exc, rid))
     meta = {"id": "cmpl-r7", "created": 0, "model": "legal"}
 
     def events(error: Exception) -> tuple[list[str], list[tuple]]:
@@ -43,8 +39,8 @@ def test_a_request_failing_mid_stream_ends_with_an_error_event():
             yield Delta("never sent", 3)
 
         done: list[tuple] = []
-        stream = cls._events(
-            ingress, rest(), Delta("hello", 1), meta, {}, [], False, 3, lambda *a: done.append(a)
+        stream = openai_events(
+            rest(), Delta("hello", 1), meta, {}, [], False, 3, lambda *a: done.append(a), error_response
         )
 
         async def collect() -> list[str]:

@@ -98,14 +98,12 @@ def test_resources_become_ray_serve_options():
 def test_router_picks_of_unserved_experts_fall_back_or_renormalise(experts, fallback_model, want):
     """An expert the router knows but whose adapter is not loaded never turns a request into a 503."""
     from router.model import RoutingDecision
-    from serving.app import Ingress
+    from serving.pipeline import servable
 
-    ingress = object.__new__(Ingress.func_or_class)  # only the placement and the router config matter
-    ingress.placement = {"base": "pool", "legal": "pool", "biomedical": "pool"}
-    ingress.config = serve_config("unused", f"router.fallback_model={fallback_model}")
+    placement = {"base": "pool", "legal": "pool", "biomedical": "pool"}  # only the placement matters
     top = max(experts, key=experts.__getitem__)
     decision = RoutingDecision(top, experts, experts[top], "mixture" if len(experts) > 1 else "routed", {})
-    got = ingress._servable(decision)
+    got = servable(decision, placement, fallback_model)
     assert (got.expert, got.decision) == (want[0], want[2])
     assert got.experts == pytest.approx(want[1])
     assert got.confidence == experts[top]  # the router's own confidence is kept for the log
@@ -113,12 +111,12 @@ def test_router_picks_of_unserved_experts_fall_back_or_renormalise(experts, fall
 
 def test_a_router_trained_for_other_experts_still_routes_with_a_warning(serve_artifacts, tmp_path, caplog):
     """An expert file added (or removed) before `moe train-router` must not take `auto` down."""
-    from serving.app import Ingress
+    from serving.catalogue import load_router_or_reason
 
     fewer = serve_config(serve_artifacts, "experts=[biomedical,legal]")
-    router, error = Ingress.func_or_class._load_router(fewer)
+    router, error = load_router_or_reason(fewer)
     assert error == "" and sorted(router.labels) == sorted(SERVED)
     assert "until `moe train-router` has run" in caplog.text
     missing = serve_config(tmp_path / "empty_artifacts")
-    router, error = Ingress.func_or_class._load_router(missing)
+    router, error = load_router_or_reason(missing)
     assert router is None and "router" in error
