@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from experts.config import BaseModelSpec, PathsSpec
 from experts.errors import ArtifactError, ConfigError
 from experts.hardware import native_bf16
 from experts.registry import unpack
-from experts.schema import BaseModelSpec, PathsSpec
 
 log = logging.getLogger(__name__)
 _COMPLETE = ".complete"

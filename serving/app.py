@@ -36,8 +36,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from experts.adapters import BASE, adapter_dir, check_adapter
+from experts.config import AppConfig, ExpertSpec, GenerationSpec, ResourceSpec
 from experts.errors import ArtifactError, ConfigError, MoeError, UnknownExpertError
-from experts.schema import AppConfig, ExpertSpec, GenerationSpec, ResourceSpec
 from serving.api import (
     AUTO,
     RETRY_AFTER_S,

@@ -90,7 +90,7 @@ def test_safetensors_without_lora_weights_are_refused(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def router_folder(tmp_path_factory):
-    from experts.schema import RouterSpec
+    from experts.config import RouterSpec
     from router.features import TfidfFeatures
     from router.train import fit_router
     from tests.router.conftest import LABELS, make_examples

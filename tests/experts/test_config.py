@@ -6,9 +6,18 @@ import dataclasses
 
 import pytest
 
-from experts.config import compose, config_dir, expert_files, load_expert_file, to_app_config
+from experts.config import (
+    ExpertSpec,
+    LoraSpec,
+    TrainSpec,
+    build,
+    compose,
+    config_dir,
+    expert_files,
+    load_expert_file,
+    to_app_config,
+)
 from experts.errors import ConfigError
-from experts.schema import ExpertSpec, LoraSpec, TrainSpec, build
 
 CONF = config_dir()
 GROUPS = {

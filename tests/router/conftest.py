@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from experts.schema import RouterSpec
+from experts.config import RouterSpec
 from router.data import Examples
 from router.features import TfidfFeatures
 from router.model import BACKGROUND

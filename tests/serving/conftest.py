@@ -13,7 +13,7 @@ SERVED = tuple(LABELS)  # biomedical, legal, python_docs: the toy router's label
 @pytest.fixture(scope="session")
 def serve_artifacts(tiny_app, tmp_path_factory):
     """An artifacts folder with three tiny adapters and a router trained for exactly those labels."""
-    from experts.schema import RouterSpec
+    from experts.config import RouterSpec
     from router.features import TfidfFeatures
     from router.train import fit_router
 

@@ -13,10 +13,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from experts.config.app import AppConfig
+from experts.config.expert import ExpertSpec
+from experts.config.validate import build
 from experts.errors import ConfigError
-from experts.schema import AppConfig, ExpertSpec, build
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_dir() -> Path:
