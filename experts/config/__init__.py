@@ -9,11 +9,13 @@ expert, train, router and serve specs, so all of them live here, at the bottom o
 
 from experts.config.app import AppConfig, PathsSpec
 from experts.config.compose import (
+    COMMAND_KEYS,
     REPO_ROOT,
     compose,
     config_dir,
     expert_files,
     load_expert_file,
+    register_defaults,
     to_app_config,
 )
 from experts.config.expert import (
@@ -33,6 +35,7 @@ from experts.config.train import LoraSpec, TrainSpec
 from experts.config.validate import build
 
 __all__ = [
+    "COMMAND_KEYS",
     "REPO_ROOT",
     "RESERVED_SLUGS",
     "SLUG_RE",
@@ -56,5 +59,6 @@ __all__ = [
     "config_dir",
     "expert_files",
     "load_expert_file",
+    "register_defaults",
     "to_app_config",
 ]

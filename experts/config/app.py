@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from experts.config.expert import BaseModelSpec, ExpertSpec
@@ -61,7 +61,7 @@ class AppConfig:
     paths: PathsSpec
     experts: tuple[ExpertSpec, ...]  # every configured expert (conf/expert/*.yaml, minus disabled)
     expert: ExpertSpec | None = None  # the one a command acts on (expert=<slug>)
-    proposals: ProposalSpec | None = None  # `moe propose-experts` (conf/config.yaml)
+    proposals: ProposalSpec = field(default_factory=ProposalSpec)  # `moe propose-experts`
 
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]

@@ -108,7 +108,7 @@ class ResourceSpec:
 
     num_replicas: int = 1
     num_cpus: float = 0.5  # fractional: a 2-core machine runs out of whole CPUs fast
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # e.g. 0.5 to pack two pools on one GPU
     max_ongoing_requests: int = 64
     max_queued_requests: int = 128  # beyond this the endpoint answers 503 + Retry-After
     torch_threads: int = 1  # per replica; threads fight under oversubscription

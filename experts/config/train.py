@@ -14,7 +14,7 @@ class LoraSpec:
 
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.0  # dropout masks cost ~17% of a CPU step for no measured gain here
+    dropout: float = 0.0  # dropout masks cost CPU time per step for no measured gain here
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __post_init__(self) -> None:
@@ -25,24 +25,27 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimisation settings; a profile in conf/train/ sets them, an expert file may override."""
+    """Optimisation settings. The defaults are the `quick` profile (the demo: a few minutes per
+    expert on a 2-core CPU); conf/train/<profile>.yaml changes some, an expert file may override."""
 
     profile: str = "quick"
-    steps: int = 40
-    lr: float = 3e-4
+    steps: int = (
+        30  # `full` trains 150 (docs/benchmarks.md#experts-perplexity-at-the-full-profile-2026-12-01)
+    )
+    lr: float = 5.0e-4  # a short run: a higher peak rate than `full`
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 4
+    warmup_steps: int = 3
     seq_len: int = 256
-    batch_size: int = 8
+    batch_size: int = 8  # 8 x 256 tokens per step
     grad_accum: int = 1
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the hardware has it
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_every: int = 20
-    eval_batches: int = 8  # validation batches per evaluation
-    test_batches: int = 16  # held-out test batches for the reported perplexity
-    early_stopping_patience: int = 3  # evaluations without improvement before stopping (0 = off)
-    save_every: int = 20  # checkpoint interval for resume
+    eval_every: int = 15
+    eval_batches: int = 4  # validation batches per evaluation
+    test_batches: int = 8  # held-out test batches for the reported perplexity
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0 = off)
+    save_every: int = 15  # checkpoint interval for resume
     max_train_blocks: int | None = None  # cap on training blocks (None = all)
     # Time budget of the training loop (validation included, the final test evaluation not): it
     # stops before a step that would not fit and ends the lr schedule there. None: `steps` decide.

@@ -29,13 +29,14 @@ def build(cls: type[T], data: Any, where: str = "") -> T:
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
+            kwargs[f.name] = coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {where}.{f.name}")
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """`value` as type `tp` (a field's annotation), or a ConfigError naming `where`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -45,7 +46,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _coerce(option, value, where)
+                return coerce(option, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
@@ -60,11 +61,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             args = (args[0],) * len(value)
         elif len(value) != len(args):  # tuple[X, Y]: one value per position
             raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)  # type: ignore[arg-type]
     if tp is bool:
