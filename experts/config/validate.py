@@ -1,6 +1,9 @@
 """Building typed, frozen config dataclasses from plain data (the composed YAML).
 
 Unknown keys fail loudly, wrong types and ranges name the bad value and what is allowed.
+Not OmegaConf structured configs (`OmegaConf.structured`): OmegaConf 2.3 rejects `Literal` fields
+(every choice here would become an Enum the code then compares), and its messages ("Key 'rank' not
+in 'LoraSpec'") name neither the config path nor what is allowed, as these do.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ T = TypeVar("T")
 
 
 def build(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types.
+
+    A mapping for a field whose default is made by a factory (e.g. `serve.pool`) keeps that
+    default's values for the keys it leaves out, as a Hydra merge would.
+    """
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
@@ -29,7 +36,12 @@ def build(cls: type[T], data: Any, where: str = "") -> T:
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
-            kwargs[f.name] = coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
+            value = data[f.name]
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default):
+                    value = {**dataclasses.asdict(default), **value}  # type: ignore[arg-type]
+            kwargs[f.name] = coerce(hints[f.name], value, f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {where}.{f.name}")
     return cls(**kwargs)

@@ -15,6 +15,7 @@ from experts.config import (
     ExpertSpec,
     LoraSpec,
     ProposalSpec,
+    ResourceSpec,
     RouterSpec,
     ServeSpec,
     TrainSpec,
@@ -201,6 +202,15 @@ def test_the_default_options_are_the_dataclass_defaults():
     app = compose()
     assert app.train == TrainSpec() and app.lora == LoraSpec()
     assert app.router == RouterSpec() and app.serve == ServeSpec() and app.proposals == ProposalSpec()
+
+
+def test_a_partial_mapping_keeps_the_fields_own_defaults():
+    """`serve.pool` given in part keeps the pool's defaults (not ResourceSpec's) for the rest."""
+    serve = build(ServeSpec, {"pool": {"num_replicas": 2}}, where="serve")
+    assert serve.pool == dataclasses.replace(ServeSpec().pool, num_replicas=2)
+    assert serve.pool.num_cpus != ResourceSpec().num_cpus  # the two defaults differ, so this can fail
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['cpus'\] in serve.pool"):
+        build(ServeSpec, {"pool": {"cpus": 2}}, where="serve")
 
 
 def test_every_default_key_can_be_overridden_without_plus():
