@@ -45,9 +45,11 @@ from decode_bench import imitate_avx2  # noqa: E402  (benchmarks/ is on sys.path
 
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.base_model import load_base_model, load_tokenizer  # noqa: E402
-from experts.config import compose  # noqa: E402
+from experts.config import (
+    AppConfig,  # noqa: E402
+    compose,  # noqa: E402
+)
 from experts.hardware import machine_report, read_bandwidth_gb_s  # noqa: E402
-from experts.schema import AppConfig  # noqa: E402
 from serving.decoder import decoder_for  # noqa: E402
 from serving.engine import serving_weights  # noqa: E402
 from serving.packed import layout  # noqa: E402

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from experts.base_model import load_base_model, load_tokenizer, pick_device, pick_dtype
+from experts.config import AppConfig, ExpertSpec, PathsSpec
 from experts.errors import ArtifactError, UnknownExpertError
-from experts.schema import AppConfig, ExpertSpec, PathsSpec
 
 log = logging.getLogger(__name__)
 BASE = "base"  # API name of the bare base model

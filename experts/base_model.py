@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from experts.config import BaseModelSpec, PathsSpec
 from experts.errors import ArtifactError, ConfigError
 from experts.hardware import native_bf16
 from experts.registry import unpack
-from experts.schema import BaseModelSpec, PathsSpec
 
 log = logging.getLogger(__name__)
 _COMPLETE = ".complete"
@@ -124,7 +124,7 @@ def pick_device(preference: str = "auto") -> str:
 
 
 def pick_dtype(precision: str, device: str) -> Any:
-    """bf16 where the hardware does it natively (measured ~1.8x faster on this CPU), else fp32."""
+    """bf16 where the hardware does it natively (faster: docs/benchmarks.md#training-step), else fp32."""
     import torch
 
     if precision == "fp32":

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from experts.config import PackageRef
 from experts.errors import DataError
-from experts.schema import PackageRef
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from experts.config import AppConfig, ExpertSpec, PathsSpec
 from experts.errors import ArtifactError
-from experts.schema import AppConfig, ExpertSpec, PathsSpec
 
 log = logging.getLogger(__name__)
 

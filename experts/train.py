@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from experts.base_model import load_base_model, load_tokenizer, pick_device, pick_dtype
 from experts.blocks import token_blocks
+from experts.config import AppConfig, ExpertSpec
 from experts.data.instructions import load_instructions
 from experts.errors import ArtifactError, DataError, MoeError
 from experts.evaluate import block_nll, chat_example, perplexity
-from experts.schema import AppConfig, ExpertSpec
 
 log = logging.getLogger(__name__)
 MIXTURE = "mixture"  # data.source of the generalist: an equal mixture of every routable expert's corpus

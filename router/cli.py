@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Any
 
+from experts.config import AppConfig
 from experts.errors import ConfigError
-from experts.schema import AppConfig
 from router.model import load_router
 
 # Queries are routed in batches: one encoder call per batch, not per line.

@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experts.config import AppConfig, PackageRef
 from experts.data.jsonl import jsonl_objects, require_strings
 from experts.errors import ConfigError, DataError
 from experts.registry import unpack
-from experts.schema import AppConfig, PackageRef
 
 log = logging.getLogger(__name__)
 

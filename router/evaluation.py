@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from experts.adapters import BASE, ExpertPool, adapter_dir
 from experts.base_model import load_tokenizer
+from experts.config import AppConfig
 from experts.errors import ArtifactError
 from experts.evaluate import block_nll, perplexity
-from experts.schema import AppConfig
 from experts.train import domain_blocks
 from router.task_eval import render_tasks, task_matrix, update_model_cards
 

@@ -20,9 +20,9 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from experts.config import PackageRef
 from experts.errors import ArtifactError, ConfigError
 from experts.registry import unpack
-from experts.schema import PackageRef
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from experts.schema import FineTuneSpec
+from experts.config import FineTuneSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ import numpy as np
 import yaml
 from sklearn.metrics import confusion_matrix, f1_score
 
-from experts.config import REPO_ROOT
-from experts.schema import AppConfig
+from experts.config import REPO_ROOT, AppConfig
 from router.calibration import coverage_curve, expected_calibration_error
 from router.data import Examples, expert_examples
 from router.model import Router

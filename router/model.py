@@ -23,8 +23,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from experts.config import AppConfig, PackageRef, PathsSpec
 from experts.errors import ArtifactError, ConfigError
-from experts.schema import AppConfig, PackageRef, PathsSpec
 from router.features import (
     CombinedFeatures,
     EmbedFeatures,

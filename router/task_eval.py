@@ -25,12 +25,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from experts.adapters import BASE, ExpertPool, adapter_dir
-from experts.config import REPO_ROOT
+from experts.config import REPO_ROOT, AppConfig, ExpertSpec, GenerationSpec
 from experts.data import load_corpus
 from experts.data.tasks import Choice, Task, build_choices, build_tasks, check_choices, split_documents
 from experts.errors import ArtifactError, DataError
 from experts.evaluate import chat_example, sequence_logprobs
-from experts.schema import AppConfig, ExpertSpec, GenerationSpec
 
 GENERAL_INSTRUCTIONS = REPO_ROOT / "tests" / "fixtures" / "general_instructions.yaml"
 MAX_LEN = 384  # tokens of one scored exchange (prompts are <= ~150 words, answers <= ~100)

@@ -22,8 +22,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
+from experts.config import AppConfig, RouterSpec
 from experts.errors import ConfigError
-from experts.schema import AppConfig, RouterSpec
 from router.calibration import choose_threshold, expected_calibration_error, fit_temperature
 from router.data import Examples, background_examples, expert_examples, feedback_examples, feedback_path
 from router.features import (

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from experts.config import ServeSpec
 from experts.errors import ArtifactError, ConfigError, MoeError, UnknownExpertError
-from experts.schema import ServeSpec
 
 AUTO = "auto"
 

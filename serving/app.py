@@ -27,8 +27,8 @@ from urllib.parse import urlparse
 from ray import serve
 
 from experts.adapters import BASE
+from experts.config import AppConfig, ResourceSpec
 from experts.errors import ConfigError, MoeError
-from experts.schema import AppConfig, ResourceSpec
 from serving.api import AUTO, api_keys
 from serving.catalogue import check_retrieval, served_experts
 from serving.engine import Delta, GenerationRequest, loaded_versions, open_batch, paced

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from experts.adapters import BASE, adapter_dir, check_adapter
+from experts.config import AppConfig, ExpertSpec, GenerationSpec
 from experts.errors import ArtifactError, MoeError
-from experts.schema import AppConfig, ExpertSpec, GenerationSpec
 from serving.api import AUTO
 from serving.engine import adapter_version
 

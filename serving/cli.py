@@ -5,6 +5,7 @@ Commands are looked up lazily, so `moe --help` answers without importing torch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -19,6 +20,8 @@ from typing import Any
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a model hub unless asked
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from experts.config import COMMAND_KEYS, AppConfig  # noqa: E402  (no torch, no Ray)
 
 
 @dataclass(frozen=True)
@@ -144,20 +147,9 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
-# First components of keys the config knows; anything else on a positional command is text.
-_TOP_KEYS = (
-    "base_model",
-    "train",
-    "lora",
-    "router",
-    "serve",
-    "paths",
-    "experts",
-    "expert",
-    "all_experts",
-    "proposals",
-    "hydra",
-)
+# First components of keys the config knows (AppConfig's fields, the command keys of
+# conf/config.yaml, Hydra's own); anything else on a positional command is text.
+_TOP_KEYS = (*(f.name for f in dataclasses.fields(AppConfig)), *COMMAND_KEYS, "hydra")
 _OVERRIDE_RE = re.compile(r"^[+~]{0,2}(" + "|".join(_TOP_KEYS) + r")(\.[\w.]+)?(@[\w.]+)?=")
 _HYDRA_FLAGS = {
     "-m",
@@ -261,7 +253,7 @@ def run_command(name: str, argv: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from experts.config import config_dir, to_app_config
+    from experts.config import config_dir, register_defaults, to_app_config
     from experts.errors import MoeError
 
     cmd = COMMANDS[name]
@@ -269,6 +261,7 @@ def run_command(name: str, argv: list[str]) -> int:
     if "expert=all" in overrides:  # act on every expert in turn, each composed with its own file
         overrides = [o for o in overrides if o != "expert=all"] + ["all_experts=true"]
     conf = config_dir()
+    register_defaults()
     status = {"code": 0}
 
     def task(cfg: Any) -> Any:

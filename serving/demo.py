@@ -17,8 +17,7 @@ from typing import Any
 
 from experts.adapters import adapter_dir
 from experts.base_model import ensure_base_model
-from experts.config import compose
-from experts.schema import AppConfig
+from experts.config import AppConfig, compose
 
 
 def _step(title: str) -> float:

@@ -24,8 +24,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from experts.adapters import BASE
+from experts.config import AppConfig
 from experts.errors import MoeError
-from experts.schema import AppConfig
 from serving.api import (
     AUTO,
     RETRY_AFTER_S,

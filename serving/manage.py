@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from experts.adapters import adapter_dir, check_adapter
-from experts.config import compose, config_dir, expert_files, load_expert_file
+from experts.config import AppConfig, ExpertSpec, compose, config_dir, expert_files, load_expert_file
 from experts.errors import ConfigError, DataError, MoeError
-from experts.schema import AppConfig, ExpertSpec
 
 
 def _slug_arg(ctx: Any, command: str) -> tuple[str, bool]:

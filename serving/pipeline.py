@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from experts.adapters import BASE
+from experts.config import GenerationSpec
 from experts.errors import UnknownExpertError
-from experts.schema import GenerationSpec
 from serving.api import AUTO, ChatCompletionRequest, CompletionRequest, RequestError, UnavailableError
 from serving.catalogue import Catalogue, served_experts
 from serving.engine import Delta, GenerationRequest, SamplingParams

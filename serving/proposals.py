@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from experts.config import RESERVED_SLUGS, SLUG_RE, AppConfig, ProposalSpec
 from experts.errors import ConfigError, MoeError
-from experts.schema import RESERVED_SLUGS, SLUG_RE, AppConfig, ProposalSpec
 from serving.querylog import QueryLog
 
 PROPOSED_SUFFIX = ".yaml.proposed"

@@ -36,8 +36,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from experts.config import AppConfig, ResourceSpec, build
 from experts.errors import ArtifactError, ConfigError, DataError, MoeError, UnknownExpertError
-from experts.schema import AppConfig, ResourceSpec, build
 from serving.api import OverloadedError, RequestError, UnavailableError
 from serving.engine import Delta, GenerationRequest
 

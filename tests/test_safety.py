@@ -90,13 +90,12 @@ def test_safetensors_without_lora_weights_are_refused(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def router_folder(tmp_path_factory):
-    from experts.schema import RouterSpec
     from router.features import TfidfFeatures
     from router.train import fit_router
-    from tests.router.conftest import LABELS, make_examples
+    from tests.router.conftest import LABELS, TOY_SPEC, make_examples
 
     router, _ = fit_router(
-        list(LABELS), make_examples(60, seed=0), make_examples(20, seed=1), RouterSpec(), TfidfFeatures()
+        list(LABELS), make_examples(60, seed=0), make_examples(20, seed=1), TOY_SPEC, TfidfFeatures()
     )
     folder = tmp_path_factory.mktemp("router") / "router"
     router.save(folder)

@@ -26,13 +26,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from experts.config import AppConfig, BaseModelSpec, ExpertSpec, PathsSpec
 from experts.data.clean import clean_documents
 from experts.data.instructions import load_instructions
 from experts.data.readers import BUILD_OPTIONS, Document, get_reader
 from experts.data.split import SPLITS, assign_splits, chunk_text
 from experts.data.tasks import write_tasks
 from experts.errors import ArtifactError, ConfigError, DataError
-from experts.schema import AppConfig, BaseModelSpec, ExpertSpec, PathsSpec
 
 log = logging.getLogger(__name__)
 

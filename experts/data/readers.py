@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experts.config import DataSpec, PackageRef, PathsSpec
 from experts.data.jsonl import jsonl_objects
 from experts.errors import ConfigError, DataError
-from experts.schema import DataSpec, PackageRef, PathsSpec
 
 
 @dataclass(frozen=True)

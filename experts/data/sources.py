@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from experts.config import DataSpec, PathsSpec
 from experts.data.readers import Document, package_roots, reader_options, register_reader
 from experts.errors import DataError
-from experts.schema import DataSpec, PathsSpec
 
 
 # --------------------------------------------------------------------------------------------

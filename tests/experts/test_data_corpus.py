@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from experts.config import load_expert_file
+from experts.config import DataSpec, ExpertSpec, PathsSpec, load_expert_file
 from experts.data import build_corpus, data_command, load_card, load_corpus
 from experts.errors import ArtifactError, ConfigError, DataError
-from experts.schema import DataSpec, ExpertSpec, PathsSpec
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "data"

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
+from experts.config import PathsSpec
 from experts.data import build_corpus, load_card, load_corpus, query_windows
 from experts.errors import DataError
-from experts.schema import PathsSpec
 
 pytestmark = pytest.mark.integration
 

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from experts.config import expert_files, load_expert_file
+from experts.config import DataSpec, PackageRef, PathsSpec, expert_files, load_expert_file
 from experts.data import READERS, register_reader
 from experts.data import sources as src
 from experts.data.readers import get_reader, markdown_to_text, reader_options
 from experts.errors import ConfigError, DataError
-from experts.schema import DataSpec, PackageRef, PathsSpec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 PATHS = PathsSpec(artifacts="/nonexistent-artifacts", cache="/nonexistent-cache")

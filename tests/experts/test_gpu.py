@@ -19,8 +19,7 @@ def test_auto_device_and_precision_pick_cuda_bf16():
 def test_train_on_cuda_matches_cpu_loss_direction(tiny_app, artifacts, tmp_path):
     from dataclasses import replace
 
-    from experts.config import compose
-    from experts.schema import TrainSpec, build
+    from experts.config import TrainSpec, build, compose
     from experts.train import train_expert
     from tests.experts.test_train import write_corpus
 

@@ -113,8 +113,8 @@ def test_index_command_builds_from_the_train_split(tmp_path, monkeypatch):
 
 
 def test_retrieval_knobs_are_validated():
+    from experts.config import ExpertServingSpec, build
     from experts.errors import ConfigError
-    from experts.schema import ExpertServingSpec, build
 
     spec = build(ExpertServingSpec, {"retrieval": True, "retrieval_top_k": 5})
     assert spec.retrieval_top_k == 5 and spec.retrieval_chunk_words == 120

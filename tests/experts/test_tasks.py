@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from experts.config import DataSpec, ExpertSpec, PathsSpec
 from experts.data import build_corpus, load_card, load_corpus
 from experts.data.readers import Document
 from experts.data.sources import parse_pubmed, render_man
@@ -23,7 +24,6 @@ from experts.data.tasks import (
 )
 from experts.errors import DataError
 from experts.evaluate import chat_example
-from experts.schema import DataSpec, ExpertSpec, PathsSpec
 from tests.conftest import write_toy_folder
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"

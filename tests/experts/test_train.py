@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experts.config import compose
-from experts.schema import build
+from experts.config import build, compose
 from experts.train import _instruction_rows, train_expert
 
 WORDS = [
@@ -35,8 +34,8 @@ def write_corpus(app, slug: str, seed: int = 0, docs: int = 56) -> None:
     """A small corpus built by the real pipeline from a folder of text files (source: folder)."""
     from dataclasses import replace
 
+    from experts.config import DataSpec
     from experts.data import build_corpus
-    from experts.schema import DataSpec
 
     rng = random.Random(seed)
     folder = app.paths.artifacts_dir / "raw" / slug
@@ -136,8 +135,8 @@ def test_generalist_mixes_every_routable_corpus(tiny_app, artifacts):
 def test_target_modules_that_do_not_exist_fail_clearly(tiny):
     from dataclasses import replace
 
+    from experts.config import LoraSpec
     from experts.errors import MoeError
-    from experts.schema import LoraSpec
 
     bad = replace(tiny, lora=build(LoraSpec, {"target_modules": ["nonexistent_proj"]}))
     with pytest.raises(MoeError, match="target_modules"):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from experts.schema import RouterSpec
+from experts.config import RouterSpec
 from router.data import Examples
 from router.features import TfidfFeatures
 from router.model import BACKGROUND
@@ -64,6 +64,10 @@ VOCAB = {
     ],
 }
 COMMON = ["the", "a", "of", "and", "to", "in", "is", "what", "how", "does"]
+# The settings the toy routers were written for (the defaults are the tuned pipeline's).
+TOY_SPEC = RouterSpec(
+    pipeline="tfidf", target_accuracy=0.95, window_words=(4, 8, 16, 32, 64, 128), background_purify=0.0
+)
 
 
 def make_examples(n: int, seed: int, labels: tuple[str, ...] = (*LABELS, BACKGROUND)) -> Examples:
@@ -87,7 +91,7 @@ def toy_examples():
 def toy_router():
     """A TF-IDF router with a background class, trained in about a second."""
     router, metrics = fit_router(
-        LABELS, make_examples(150, seed=0), make_examples(60, seed=1), RouterSpec(), TfidfFeatures()
+        LABELS, make_examples(150, seed=0), make_examples(60, seed=1), TOY_SPEC, TfidfFeatures()
     )
     router.info = {"metrics": metrics}
     return router

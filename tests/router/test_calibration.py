@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experts.schema import RouterSpec
+from experts.config import RouterSpec
 from router.calibration import (
     choose_threshold,
     coverage_curve,

@@ -96,8 +96,9 @@ def test_missing_feedback_file_warns_and_trains_without(tmp_path, caplog):
     assert "moe feedback export" in caplog.text
 
 
-@pytest.mark.parametrize("option", ["tfidf", "embed", "combined"])
+@pytest.mark.parametrize("option", ["tfidf", "embed", "combined", "tuned"])
 def test_every_router_file_sets_feedback_keys(option):
-    """Users switch feedback on without Hydra's `+`: the keys are in every conf/router file."""
+    """Users switch feedback on without Hydra's `+`: the dataclass defaults (moe_defaults) give every
+    router option the keys."""
     app = compose([f"router={option}", "router.include_feedback=true", "router.feedback_weight=3"])
     assert app.router.include_feedback is True and app.router.feedback_weight == 3.0

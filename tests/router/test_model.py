@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experts.config import RouterSpec
 from experts.errors import ArtifactError, ConfigError
-from experts.schema import RouterSpec
 from router.features import TfidfFeatures
 from router.model import BACKGROUND, META_FILE, WEIGHTS_FILE, Router, RoutingDecision
 from router.train import fit_router, purify_background

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from experts.config import compose
-from experts.schema import FineTuneSpec
+from experts.config import FineTuneSpec, compose
 from router.features import ENCODER_MAX_TOKENS, SentenceEncoder, TunedFeatures, build_features
 from router.finetune import COSINE_SCALE, fine_tune
 from router.model import Router

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.experts.test_adapters import make_adapter
-from tests.router.conftest import LABELS, make_examples
+from tests.router.conftest import LABELS, TOY_SPEC, make_examples
 
 SERVED = tuple(LABELS)  # biomedical, legal, python_docs: the toy router's labels
 
@@ -13,7 +13,6 @@ SERVED = tuple(LABELS)  # biomedical, legal, python_docs: the toy router's label
 @pytest.fixture(scope="session")
 def serve_artifacts(tiny_app, tmp_path_factory):
     """An artifacts folder with three tiny adapters and a router trained for exactly those labels."""
-    from experts.schema import RouterSpec
     from router.features import TfidfFeatures
     from router.train import fit_router
 
@@ -21,7 +20,7 @@ def serve_artifacts(tiny_app, tmp_path_factory):
     for seed, name in enumerate(SERVED):
         make_adapter(tiny_app, root / "experts" / name, seed)
     router, _ = fit_router(
-        list(SERVED), make_examples(120, seed=0), make_examples(40, seed=1), RouterSpec(), TfidfFeatures()
+        list(SERVED), make_examples(120, seed=0), make_examples(40, seed=1), TOY_SPEC, TfidfFeatures()
     )
     router.save(root / "router")
     return root

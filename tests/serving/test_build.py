@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from experts.config import ExpertServingSpec, ResourceSpec, ServeSpec
 from experts.errors import ConfigError
-from experts.schema import ExpertServingSpec, ResourceSpec, ServeSpec
 from serving.app import build_app, deployment_options, thread_advice
 from tests.serving.conftest import SERVED, serve_config
 

@@ -65,6 +65,19 @@ def test_positional_split_keeps_free_text_apart_from_overrides():
     assert texts == ["what is x=5", "router.c=2"]
 
 
+def test_every_config_field_is_an_override_on_positional_commands():
+    """The keys `moe route` takes as overrides come from AppConfig itself, so a new field works."""
+    import dataclasses
+
+    from experts.config import AppConfig
+
+    names = [f.name for f in dataclasses.fields(AppConfig)]
+    overrides, texts = _split(
+        COMMANDS["route"], [f"{n}.x=1" for n in names] + ["all_experts=true", "nokey.x=1"]
+    )
+    assert overrides == [f"{n}.x=1" for n in names] + ["all_experts=true"] and texts == ["nokey.x=1"]
+
+
 def test_train_expert_all_trains_every_configured_expert(user_conf, tmp_path):
     """`moe train expert=all` (the README's command) trains each expert of `experts=[...]`."""
     from tests.conftest import run_moe, write_toy_folder

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from experts.config import ResourceSpec
 from experts.errors import ArtifactError, UnknownExpertError
-from experts.schema import ResourceSpec
 from serving.api import RequestError
 from serving.engine import Delta, GenerationRequest, SamplingParams, generate, results
 from serving.worker import (

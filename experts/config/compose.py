@@ -1,22 +1,60 @@
 """Compose Hydra config and turn it into the typed `AppConfig`.
 
-`conf/config.yaml` holds the defaults; each expert is one file `conf/expert/<slug>.yaml`
+The dataclass defaults are the defaults: `register_defaults` hands them to Hydra as the config
+`moe_defaults`, first in `conf/config.yaml`'s defaults list, so every YAML file holds only what
+differs and a command-line override finds every key. Each expert is one file `conf/expert/<slug>.yaml`
 (package `_global_`: its `expert:` node plus optional `lora:`/`train:` overrides, so command-line
 overrides still win). The registry of experts is every file in `conf/expert/`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from experts.config.app import AppConfig
+from experts.config.expert import ExpertSpec
+from experts.config.validate import build
 from experts.errors import ConfigError
-from experts.schema import AppConfig, ExpertSpec, build
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULTS_NAME = "moe_defaults"  # the name conf/config.yaml's defaults list gives the dataclass defaults
+# Top-level keys of conf/config.yaml that are not AppConfig fields: they steer a command.
+COMMAND_KEYS = ("all_experts",)
+
+
+def schema_defaults() -> dict[str, Any]:
+    """The defaults of every AppConfig group that has them all, as plain data (lists, mappings)."""
+    hints = typing.get_type_hints(AppConfig)
+    groups = {}
+    for f in dataclasses.fields(AppConfig):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and all(
+            g.default is not dataclasses.MISSING or g.default_factory is not dataclasses.MISSING
+            for g in dataclasses.fields(tp)
+        ):
+            groups[f.name] = _plain(dataclasses.asdict(tp()))  # type: ignore[operator]
+    return groups
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def register_defaults() -> None:
+    """Give Hydra the dataclass defaults as the config `moe_defaults` (before it composes)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=DEFAULTS_NAME, node=schema_defaults())
 
 
 def config_dir() -> Path:
@@ -60,7 +98,8 @@ def to_app_config(cfg: DictConfig | dict[str, Any], conf: Path | None = None) ->
     assert isinstance(data, dict)
     data = {k: v for k, v in data.items() if k != "hydra"}
     enabled = data.pop("experts", None)  # null = every file in conf/expert
-    data.pop("all_experts", None)
+    for key in COMMAND_KEYS:
+        data.pop(key, None)
     files = expert_files(conf)
     if enabled is not None:
         unknown = sorted(set(enabled) - set(files))
@@ -85,6 +124,7 @@ def compose(overrides: list[str] | None = None) -> AppConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     conf = config_dir()
+    register_defaults()
     if GlobalHydra.instance().is_initialized():
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     else:
