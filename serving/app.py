@@ -108,7 +108,7 @@ def check_retrieval(app: AppConfig, served: list[str]) -> None:
 @serve.deployment
 class ExpertPoolDeployment:
     """The base model once and the adapters of `names`; mixed-expert batches, streamed per step.
-    engine "process": decoded by a child process (`serving.worker`); "thread": in this replica."""
+    engine "process": decoded by a child process (`serving.engine.process`); "thread": in this replica."""
 
     def __init__(
         self,
@@ -116,7 +116,8 @@ class ExpertPoolDeployment:
         names: list[str],
         res: ResourceSpec,
     ):
-        from serving.worker import EngineProcess, load_pool
+        from serving.engine import load_pool
+        from serving.engine.process import EngineProcess
 
         self.engine: Any = None
         self.pool: Any = None
@@ -183,7 +184,7 @@ class ExpertPoolDeployment:
             raise RuntimeError(self.engine.error or "the engine process exited")
 
     def info(self) -> dict[str, Any]:
-        from serving.worker import pool_info
+        from serving.engine import pool_info
 
         if self.engine is None:
             return pool_info(self.pool)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from experts.adapters import Expansion, ExpertPool
-from serving.decoder import FastBatch, HFBatch, start_batch
 from serving.engine import GenerationRequest, SamplingParams, generate, serving_weights
+from serving.engine.decoder import FastBatch, HFBatch, start_batch
 from tests.experts.test_adapters import make_adapter
 
 EVERY_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -181,7 +181,7 @@ def test_bf16_serving_keeps_the_lora_fp32_and_stacked(tiny_app, folders, tmp_pat
 
 
 def test_bf16_batches_decode_the_same_with_either_cache_dtype(tiny_app, folders, monkeypatch):
-    import serving.decoder as decoder
+    import serving.engine.decoder as decoder
 
     pool = load_pool(tiny_app, folders, precision="bf16")
     serving_weights(pool)
@@ -252,7 +252,7 @@ def test_lora_on_a_module_the_lean_forward_lacks_falls_back(tiny_app, folders, t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_attention_equals_sdpa(dtype):
-    from serving.decoder import attend, decode_bias
+    from serving.engine.decoder import attend, decode_bias
 
     gen = torch.Generator().manual_seed(0)
     rows, heads, kv_heads, columns, dim = 3, 6, 2, 11, 16

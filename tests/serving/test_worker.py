@@ -1,4 +1,4 @@
-"""The engine process (`serving.worker`): a real child process on the tiny pool decodes what the
+"""The engine process (`serving.engine.process`): a real child process on the tiny pool decodes what the
 replica's own thread would, interleaves batches, returns per-request errors intact, and fails
 cleanly when it dies."""
 
@@ -17,8 +17,8 @@ import pytest
 from experts.errors import ArtifactError, UnknownExpertError
 from experts.schema import ResourceSpec
 from serving.api import RequestError
-from serving.engine import Delta, GenerationRequest, SamplingParams, generate, results
-from serving.worker import (
+from serving.engine import Delta, GenerationRequest, SamplingParams, generate, load_pool, results
+from serving.engine.process import (
     EngineError,
     EngineProcess,
     decode_delta,
@@ -27,7 +27,6 @@ from serving.worker import (
     encode_delta,
     encode_error,
     encode_request,
-    load_pool,
 )
 from tests.serving.conftest import SERVED, serve_config
 
@@ -97,7 +96,7 @@ def _engine_loop(pool, batches: dict[int, list], cancel_after: dict[int, int] | 
     from multiprocessing import Pipe
 
     from serving.engine import Decoding
-    from serving.worker import _cancel, _Held, _merge, _recv, _step
+    from serving.engine.process import _cancel, _Held, _merge, _recv, _step
 
     ours, theirs = Pipe()
     held = [_Held(Decoding(pool, reqs), [(b, 0, len(reqs))]) for b, reqs in batches.items()]

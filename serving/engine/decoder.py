@@ -12,7 +12,7 @@ Two implementations of one interface (`start_batch`):
   two matmuls per group (`LoraGroup.for_one`, made once per batch), a mix -> one matmul against
   every adapter's A, a per-row mask, one matmul per module against every B. A test holds its
   logits to peft's `adapter_names` forward.
-  Where an fp32 pool's layers are stored in bf16 (`serving.packed`, a CPU without native bf16),
+  Where an fp32 pool's layers are stored in bf16 (`serving.engine.packed`, a CPU without native bf16),
   the decoder keeps a bf16 copy of the LM head too.
 - `HFBatch`: the Hugging Face model through peft (`ExpertPool.forward`, a DynamicCache), for every
   other architecture or adapter kind (DoRA, LoRA on embeddings).
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.adapters import ExpertPool, LoraGroup, LoraStack
-from serving.packed import PackedLinear, fastest, pack, packed_group
+from serving.engine.packed import PackedLinear, fastest, pack, packed_group
 
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
 FP32_CACHE_ROWS = 8  # batches of at most this many rows keep their KV cache in fp32 on a CPU
@@ -44,7 +44,7 @@ def linear(
 ) -> torch.Tensor:
     """F.linear, but with mv=True a single row on the CPU goes through `torch.mv`; mixed dtypes
     stay with F.linear. Which of the two reads a bf16 weight faster depends on the CPU (`prefers_mv`).
-    Packed weights (`serving.packed`) go through their own kernel."""
+    Packed weights (`serving.engine.packed`) go through their own kernel."""
     if isinstance(weight, PackedLinear):
         y = weight(x)
         return y if bias is None else y + bias
@@ -98,7 +98,7 @@ def prefers_mv(weights: Sequence[torch.Tensor], rounds: int = 3) -> bool:
 
 def _fuse(linears: Sequence[Any]) -> torch.Tensor | PackedLinear:
     """One weight for linears that read the same input: the group they were packed as
-    (`serving.packed`), else one tensor, and the modules are left holding views of it."""
+    (`serving.engine.packed`), else one tensor, and the modules are left holding views of it."""
     group = packed_group(linears)
     if group is not None:
         return group
@@ -183,7 +183,7 @@ class Decoder:
         }
         self._cos = self._sin = torch.empty(0)
         if isinstance(self.layers[0].qkv, PackedLinear) and self.layers[0].qkv.kind == "bf16":
-            # The layers' weights are stored in bf16 (an fp32 pool, `serving.packed`): so is a copy
+            # The layers' weights are stored in bf16 (an fp32 pool, `serving.engine.packed`): so is a copy
             # of the LM head (a fifth of a token's bytes; the fp32 one stays, tied to the embeddings)
             self.lm_head = pack([self.lm_head], "bf16") or self.lm_head
         # A batch-1 token's weights, to time the two single-row paths on this CPU

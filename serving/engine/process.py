@@ -7,7 +7,7 @@ futex wake-up. On 2 CPUs, 2 torch threads in a replica decode slower than 1
 (benchmarks/openmp_threads_bench.py). In a child process whose initial thread runs torch, the team
 is the only one and spins as it should (vLLM runs its engine in a separate process too).
 
-`EngineProcess` (in the replica) starts `python -m serving.worker FD` over a private socket pair,
+`EngineProcess` (in the replica) starts `python -m serving.engine.process FD` over a private socket pair,
 sends it the config, and waits until the pool is loaded. `decode(requests)` sends one batch and
 yields its steps as the child produces them; the child merges a batch that arrives while others
 decode into them after its prefill (one forward pass a step for all: iteration-level batching),
@@ -39,7 +39,7 @@ from typing import Any
 from experts.errors import ArtifactError, ConfigError, DataError, MoeError, UnknownExpertError
 from experts.schema import AppConfig, ResourceSpec, build
 from serving.api import OverloadedError, RequestError, UnavailableError
-from serving.engine import Delta, GenerationRequest
+from serving.engine.requests import Delta, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,11 @@ class EngineProcess:
 
     def __init__(self, app: AppConfig, names: Sequence[str], res: ResourceSpec):
         parent, child = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[1])  # this project, wherever the replica's cwd is
+        root = str(Path(__file__).resolve().parents[2])  # this project, wherever the replica's cwd is
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(res.torch_threads), "PYTHONPATH": path}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.worker", str(child.fileno())],
+            [sys.executable, "-m", "serving.engine.process", str(child.fileno())],
             pass_fds=(child.fileno(),),
             env=env,
         )
@@ -255,37 +255,12 @@ class EngineProcess:
 # --------------------------------------------------------------------------------------------
 # The engine process
 # --------------------------------------------------------------------------------------------
-def pool_info(pool: Any) -> dict[str, Any]:
-    from serving.packed import layout
-
-    return {
-        "experts": list(pool.adapters),
-        "failed": dict(pool.failed),
-        "device": pool.device,
-        "dtype": str(pool.dtype).removeprefix("torch."),
-        "base_weights": layout(pool.model),
-    }
-
-
-def load_pool(app: Any, names: Sequence[str], res: ResourceSpec) -> Any:
-    """The serving pool: threads set, base weights in the compute dtype and `res.base_weights`."""
-    import torch
-
-    from experts.adapters import ExpertPool
-    from serving.engine import serving_weights
-
-    torch.set_num_threads(res.torch_threads)  # replicas share cores; oversubscribed threads fight
-    pool = ExpertPool.load(app, list(names), strict=False)
-    serving_weights(pool, res.base_weights)  # adapters loaded later wrap these same base weights
-    return pool
-
-
 @dataclasses.dataclass
 class _Held:
     """A decoding the engine steps, and the batches whose requests it holds: (batch id, its first
     request in the decoding, how many) in request order; a batch leaves once all of its ended."""
 
-    decoding: Any  # serving.engine.Decoding
+    decoding: Any  # batch.Decoding
     batches: list[tuple[int, int, int]]
 
 
@@ -341,7 +316,8 @@ def _cancel(held: list[_Held], batch: int) -> None:
 def serve_forever(conn: Connection) -> None:
     """The engine loop: read batches, step every held decoding in turn, send every step back. A
     batch that arrives while others decode is merged into them after its prefill (`_merge`)."""
-    from serving.engine import Decoding, load_adapters, loaded_versions
+    from serving.engine.batch import Decoding, load_adapters, loaded_versions
+    from serving.engine.prepare import load_pool, pool_info
 
     kind, fields, names, resources = _recv(conn)
     assert kind == "init", kind
