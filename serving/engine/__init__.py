@@ -7,7 +7,10 @@ Read top to bottom:
   HF model through peft (`HFBatch`); `packed`: base weights in a CPU kernel's layout.
 - `sampling`: the next token and incremental detokenisation; `batch`: one batch decoding
   (`Decoding`), a step at a time.
-- `process`: the engine in a child process (`EngineProcess`, `serve.pool.engine: process`).
+- `scheduler`: the one batching loop (iteration-level: a batch that arrives joins the running ones).
+- `protocol`: the `Engine` the pool deployment drives, and `make_engine`; its two implementations,
+  `process` (`EngineProcess`, a child process: `serve.pool.engine: process`) and `thread`
+  (`ThreadEngine`, a thread of the replica), share `streams` (the replica's side of a batch).
 """
 
 from serving.engine.batch import (
@@ -21,6 +24,7 @@ from serving.engine.batch import (
     results,
 )
 from serving.engine.prepare import load_pool, pool_info, serving_weights, use_gemv
+from serving.engine.protocol import Engine, EngineError, make_engine
 from serving.engine.requests import (
     Delta,
     GenerationRequest,
@@ -34,6 +38,8 @@ from serving.engine.sampling import Text
 __all__ = [
     "Decoding",
     "Delta",
+    "Engine",
+    "EngineError",
     "GenerationRequest",
     "SamplingParams",
     "Text",
@@ -45,6 +51,7 @@ __all__ = [
     "load_adapters",
     "load_pool",
     "loaded_versions",
+    "make_engine",
     "open_batch",
     "paced",
     "pool_info",
