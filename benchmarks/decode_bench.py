@@ -43,6 +43,7 @@ from experts.config import compose  # noqa: E402
 from experts.hardware import AVX2_ENV, machine_report  # noqa: E402
 from serving.engine import GenerationRequest, SamplingParams, decode, generate, serving_weights  # noqa: E402
 from serving.engine.packed import PackedLinear, layout  # noqa: E402
+from serving.engine.prepare import decoder_for  # noqa: E402
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
@@ -172,7 +173,7 @@ def main() -> None:
     if not pool.adapters:
         raise SystemExit("no trained adapters in artifacts/experts/: run `moe train expert=...` first")
     serving_weights(pool, app.serve.pool.base_weights)
-    fast = decoder.decoder_for(pool)
+    fast = decoder_for(pool)
     result: dict[str, Any] = {
         "machine": machine_report(),  # the bandwidth at the pool's threads (set above)
         "base_model": app.base_model.name,

@@ -49,8 +49,8 @@ from experts.config import compose  # noqa: E402
 from experts.hardware import machine_report, read_bandwidth_gb_s  # noqa: E402
 from experts.schema import AppConfig  # noqa: E402
 from serving.engine import serving_weights  # noqa: E402
-from serving.engine.decoder import decoder_for  # noqa: E402
 from serving.engine.packed import layout  # noqa: E402
+from serving.engine.prepare import decoder_for, lora_stack  # noqa: E402
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
@@ -297,7 +297,8 @@ def pool_bytes(pool: ExpertPool, lora: bool = True) -> int:
     alone) and its base weights packed in a kernel's layout (`serving.engine.packed`)."""
     from serving.engine.packed import packed_groups
 
-    stack = pool.stack.groups.values() if lora and pool.stack else ()
+    stacked = lora_stack(pool) if lora else None
+    stack = stacked.groups.values() if stacked else ()
     tensors = [t for g in stack for t in (g.a, g.scale, *g.b)]
     tensors += [p for name, p in pool.model.named_parameters() if lora or "lora_" not in name]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}

@@ -20,11 +20,29 @@ import torch
 
 from experts.adapters import Expansion, ExpertPool
 from serving.api import RequestError
-from serving.engine.decoder import FastBatch, HFBatch, start_batch
+from serving.engine.decoder import FastBatch, HFBatch
+from serving.engine.prepare import decoder_for, lora_stack
 from serving.engine.requests import Delta, GenerationRequest, adapter_version
 from serving.engine.sampling import Text, eos_ids, sample
 
 log = logging.getLogger(__name__)
+
+
+def start_batch(
+    pool: ExpertPool,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    adapters: Sequence[str],
+    capacity: int,
+    fast: bool = True,
+) -> FastBatch | HFBatch:
+    """A decode batch of left-padded rows ids/mask [rows, width], row i with adapter `adapters[i]`,
+    room for `capacity` columns in all; the fast path where it can serve, else the HF model."""
+    decoder = decoder_for(pool) if fast else None
+    stack = lora_stack(pool)
+    if decoder is not None and stack is not None and set(stack.groups) <= decoder.lora_keys:
+        return FastBatch(pool, decoder, stack, ids, mask, adapters, capacity)
+    return HFBatch(pool, ids, mask, adapters)
 
 
 def check_request(pool: ExpertPool, request: GenerationRequest) -> None:

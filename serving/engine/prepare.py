@@ -1,14 +1,21 @@
 """Preparing the pool's model for serving: every in-place rewrite of the model happens here.
 
-Base weights cast to the compute dtype, packed into a CPU kernel's layout (`packed`), and single-row
-linears routed through `torch.mv` where that is faster here.
+- `serving_weights`: base weights cast to the compute dtype, packed into a CPU kernel's layout
+  (`packed`), single-row linears routed through `torch.mv` where that is faster here;
+- `decoder_for`: the lean decoder's arrangement of those weights (q/k/v and gate/up fused, the
+  HF modules left holding views), built on first use after the last `serving_weights`;
+- `lora_stack`: every adapter's LoRA stacked (`lora`; peft left holding views), rebuilt after the
+  pool's adapters changed (`ExpertPool.revision`).
+Nothing else rewrites the model, so what these built stays valid until they rebuild it.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,10 +23,58 @@ import torch
 from experts.adapters import ExpertPool
 from experts.hardware import CpuInfo
 from experts.schema import AppConfig, ResourceSpec
-from serving.engine.decoder import linear, prefers_mv
+from serving.engine.decoder import Decoder, fast_path_problem, linear, prefers_mv
+from serving.engine.lora import LoraStack
 from serving.engine.packed import is_adapter_module, layout, pack_model
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prepared:
+    """What was built over one pool's model: the lean decoder, the LoRA stack."""
+
+    decoder: Decoder | None = None
+    decoder_built: bool = False  # False: (re)build on next use (`serving_weights` rewrote the weights)
+    stack: LoraStack | None = None
+    stack_revision: int = -1  # the pool's `revision` the stack was built at
+
+
+_PREPARED: weakref.WeakKeyDictionary[ExpertPool, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _prepared(pool: ExpertPool) -> _Prepared:
+    state = _PREPARED.get(pool)
+    if state is None:
+        state = _PREPARED[pool] = _Prepared()
+    return state
+
+
+def decoder_for(pool: ExpertPool) -> Decoder | None:
+    """The pool's fast decoder (built on first use), or None when the fast path cannot serve it."""
+    state = _prepared(pool)
+    if not state.decoder_built:
+        with pool.lock:
+            model = pool.model.get_base_model() if hasattr(pool.model, "peft_config") else pool.model
+            state.decoder = Decoder(model) if fast_path_problem(model) is None else None
+            state.decoder_built = True
+    return state.decoder
+
+
+def lora_stack(pool: ExpertPool) -> LoraStack | None:
+    """Every adapter of the pool stacked (fp32: small, and small fp32 matmuls are the fast ones on
+    a CPU), rebuilt once the adapters changed; None when one cannot be stacked (a LoRA variant, a
+    LoRA bias, LoRA on a non-linear module), and then peft computes the LoRA."""
+    state = _prepared(pool)
+    if state.stack_revision != pool.revision:
+        # Plain tensors even when asked from a decoding step: peft's LoRA weights become views
+        # into the stack, and peft sets requires_grad on them when it loads the next adapter.
+        with pool.lock, torch.inference_mode(False):
+            state.stack = LoraStack.build(pool.model, pool.peft_names) if pool.adapters else LoraStack((), {})
+            state.stack_revision = pool.revision
+        if state.stack is None:
+            log.warning("an adapter cannot be stacked (LoRA variant, bias or non-linear module): peft serves")
+    return state.stack
 
 
 def _linear_gemv(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +111,7 @@ def serving_weights(pool: ExpertPool, base_weights: str = "auto", cpu: CpuInfo |
     row through it is faster than through the plain weights here."""
     allowed = {torch.bfloat16: ("auto", "onednn", "int4"), torch.float32: ("auto", "bf16", "int4")}
     with pool.lock:
+        _prepared(pool).decoder_built = False  # the weights it arranged are rewritten below
         if pool.device == "cpu" and base_weights in allowed.get(pool.dtype, ()):
             packed = pack_model(pool.model, base_weights, pool.dtype, cpu)  # from the fp32 weights
             if base_weights == "int4" and not packed:

@@ -13,7 +13,8 @@ import serving.engine.packed as packed_module
 from experts.adapters import ExpertPool
 from experts.hardware import parse_cpuinfo
 from serving.engine import serving_weights
-from serving.engine.decoder import FastBatch, HFBatch, decoder_for, start_batch
+from serving.engine.batch import start_batch
+from serving.engine.decoder import FastBatch, HFBatch
 from serving.engine.packed import (
     GROUP,
     PackedLinear,
@@ -24,6 +25,7 @@ from serving.engine.packed import (
     packed_groups,
     sibling_groups,
 )
+from serving.engine.prepare import decoder_for
 from tests.experts.test_adapters import make_adapter
 from tests.serving.test_decoder import left_padded
 

@@ -76,3 +76,33 @@ def test_a_request_arriving_mid_batch_joins_the_running_forward_pass(engine, loc
     assert merged == 1
     assert len(together) == 1 and together[0][0] is running and arriving in together[0]
     assert results(steps, 1) == generate(local_pool, [arriving])  # the same tokens as alone
+
+
+def test_an_adapter_retrained_while_serving_loads_before_the_request_that_names_it(app, tmp_path):
+    """The version a request names loads first, twice over, and decodes what a pool loaded with it
+    from the start does. The first expert loaded is peft's active adapter: replacing it makes peft
+    set requires_grad on the LoRA weights the engine's stack holds (plain tensors, not inference ones)."""
+    from serving.engine import adapter_version
+    from tests.experts.test_adapters import make_adapter
+
+    name = SERVED[0]  # loaded first
+    engine = make_engine(app, list(SERVED), dataclasses.replace(ONE_THREAD, engine="thread"))
+    try:
+        answers = []
+        for seed in (97, 98):
+            folder = tmp_path / f"{name}_{seed}"
+            make_adapter(app, folder, seed=seed)
+            request = GenerationRequest(
+                ids(engine.pool, "the licensee shall"),
+                {name: 1.0},
+                SamplingParams(max_tokens=8),
+                {name: (str(folder), adapter_version(folder))},
+            )
+            got = asyncio.run(_collect(engine, [request]))
+            fresh = load_pool(app, [], ONE_THREAD)
+            fresh.add(name, folder)
+            assert got == generate(fresh, [request])
+            answers.append(got)
+        assert answers[0] != answers[1]
+    finally:
+        engine.close()
