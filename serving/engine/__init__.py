@@ -2,7 +2,9 @@
 
 Read top to bottom:
 - `requests`: what the engine takes and gives (`GenerationRequest`, `SamplingParams`, `Delta`).
-- `prepare`: every in-place rewrite of the pool's model for serving (dtype, packing, gemv).
+- `layout`: the one table of a Llama layer's linears (which read one input, in which order).
+- `prepare`: every in-place rewrite of the pool's model for serving (dtype, packing, gemv, the
+  decoder's fused weights, the LoRA stack of `lora`).
 - `decoder`: the decode batch, a lean Llama forward with the stacked LoRA (`FastBatch`) or the
   HF model through peft (`HFBatch`); `packed`: base weights in a CPU kernel's layout.
 - `sampling`: the next token and incremental detokenisation; `batch`: one batch decoding

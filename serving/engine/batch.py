@@ -102,7 +102,7 @@ def open_batch(
 class Decoding:
     """One batch decoding, a step at a time (`decode` is its iterator). `absorb` takes another
     running batch's requests in, so that both decode in one forward pass per step from then on
-    (iteration-level batching: the engine process merges a batch that arrives into a running one).
+    (iteration-level batching: `scheduler.Scheduler` merges a batch that arrives into a running one).
 
     Failures are per request: a request in `failed`, one `check_request` refuses, or one whose next
     token cannot be sampled gets a Delta with finish_reason "error" and its exception, and the

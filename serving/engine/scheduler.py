@@ -42,7 +42,6 @@ class Scheduler:
         self.pool, self.max_rows, self.emit = pool, max_rows, emit
         self.versions = loaded_versions(pool)  # expert -> adapter version loaded (`load_adapters`)
         self.held: list[_Held] = []
-        self.forwards = 0  # decoding steps run: one forward pass each (what merging saves)
         self.merges = 0  # decodings taken into another
 
     @property
@@ -88,7 +87,6 @@ class Scheduler:
             for batch, _, _ in held.batches:
                 self.emit("done", batch, None)
             return False
-        self.forwards += 1
         active = set(held.decoding.active)
         for batch, first, count in list(held.batches):
             self.emit("step", batch, step[first : first + count])
