@@ -41,9 +41,9 @@ from serve_bench import pool_bytes  # noqa: E402
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.config import compose  # noqa: E402
 from experts.hardware import machine_report  # noqa: E402
-from serving.decoder import decoder_for  # noqa: E402
 from serving.engine import generate, serving_weights  # noqa: E402
-from serving.packed import layout  # noqa: E402
+from serving.engine.packed import layout  # noqa: E402
+from serving.engine.prepare import decoder_for  # noqa: E402
 
 BATCHES = (1, 8, 32)
 TEXTS = ("/usr/share/common-licenses/GPL-3", "README.md")

@@ -6,7 +6,7 @@
   tokens, greedy, rows round-robin over the trained experts in artifacts/experts/), the real base
   model at the serving dtype (`serving_weights`), torch threads = serve.pool.torch_threads. The
   batch sizes alternate within each round; medians over the rounds (the machine may be busy).
-- Where one batch-1 token goes: the base weights' matmuls (`serving.decoder.linear`), the LoRA,
+- Where one batch-1 token goes: the base weights' matmuls (`serving.engine.decoder.linear`), the LoRA,
   the rest of the forward (norms, RoPE, cache writes, attention), and the engine around it
   (mixing, sampling, detokenising).
 - The machine (CPU flags, read bandwidth at the pool's threads, `experts.hardware.machine_report`)
@@ -37,12 +37,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-import serving.decoder as decoder  # noqa: E402
+import serving.engine.decoder as decoder  # noqa: E402
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.config import compose  # noqa: E402
 from experts.hardware import AVX2_ENV, machine_report  # noqa: E402
 from serving.engine import GenerationRequest, SamplingParams, decode, generate, serving_weights  # noqa: E402
-from serving.packed import PackedLinear, layout  # noqa: E402
+from serving.engine.packed import PackedLinear, layout  # noqa: E402
+from serving.engine.prepare import decoder_for  # noqa: E402
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
@@ -172,7 +173,7 @@ def main() -> None:
     if not pool.adapters:
         raise SystemExit("no trained adapters in artifacts/experts/: run `moe train expert=...` first")
     serving_weights(pool, app.serve.pool.base_weights)
-    fast = decoder.decoder_for(pool)
+    fast = decoder_for(pool)
     result: dict[str, Any] = {
         "machine": machine_report(),  # the bandwidth at the pool's threads (set above)
         "base_model": app.base_model.name,

@@ -5,10 +5,10 @@
 - Single-row matmuls over one SmolLM2-135M token's worth of distinct weights (30 layers of fused
   qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, and lm_head 49152x576: 269 MB in bf16):
   `torch.mv` and F.linear in bf16, oneDNN-packed bf16 (where oneDNN can run bf16), `torch.mv` in
-  fp16, F.linear in fp32 and bf16 storage with fp32 compute (`serving.packed.bf16_linear`, what an
+  fp16, F.linear in fp32 and bf16 storage with fp32 compute (`serving.engine.packed.bf16_linear`, what an
   fp32 pool serves without native bf16), in GB/s read.
 - Decode-step attention (one new column, 9 heads over 3 KV heads, 64 dims, bf16 cache): torch's
-  SDPA against `serving.decoder.attend`, in µs a layer, for several batch sizes and cache lengths.
+  SDPA against `serving.engine.decoder.attend`, in µs a layer, for several batch sizes and cache lengths.
 Which single-row kernel wins differs between CPUs (docs/benchmarks.md); the engine times its own
 choice at load. `--avx2` runs it as an AVX2-only CPU would (decode_bench.imitate_avx2; the memory
 bandwidth is this machine's), and the CPU flags and read bandwidth are saved beside the figures.
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from decode_bench import imitate_avx2  # benchmarks/ is on sys.path
 
 from experts.hardware import machine_report
-from serving.decoder import attend
-from serving.packed import bf16_linear
+from serving.engine.decoder import attend
+from serving.engine.packed import bf16_linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 

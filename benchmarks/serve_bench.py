@@ -45,14 +45,11 @@ from decode_bench import imitate_avx2  # noqa: E402  (benchmarks/ is on sys.path
 
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.base_model import load_base_model, load_tokenizer  # noqa: E402
-from experts.config import (
-    AppConfig,  # noqa: E402
-    compose,  # noqa: E402
-)
+from experts.config import AppConfig, compose  # noqa: E402
 from experts.hardware import machine_report, read_bandwidth_gb_s  # noqa: E402
-from serving.decoder import decoder_for  # noqa: E402
 from serving.engine import serving_weights  # noqa: E402
-from serving.packed import layout  # noqa: E402
+from serving.engine.packed import layout  # noqa: E402
+from serving.engine.prepare import decoder_for, lora_stack  # noqa: E402
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
@@ -296,10 +293,11 @@ def bench_routing(url: str, expert: str, repeats: int) -> dict[str, Any]:
 def pool_bytes(pool: ExpertPool, lora: bool = True) -> int:
     """Bytes the pool holds as it serves, each storage counted once: its parameters (peft's LoRA
     parameters are views into the fp32 LoRA stack, counted with it; lora=False: the base model
-    alone) and its base weights packed in a kernel's layout (`serving.packed`)."""
-    from serving.packed import packed_groups
+    alone) and its base weights packed in a kernel's layout (`serving.engine.packed`)."""
+    from serving.engine.packed import packed_groups
 
-    stack = pool.stack.groups.values() if lora and pool.stack else ()
+    stacked = lora_stack(pool) if lora else None
+    stack = stacked.groups.values() if stacked else ()
     tensors = [t for g in stack for t in (g.a, g.scale, *g.b)]
     tensors += [p for name, p in pool.model.named_parameters() if lora or "lora_" not in name]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}

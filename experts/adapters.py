@@ -5,10 +5,9 @@ A forward pass takes one adapter name per row, so requests for different experts
 one row per expert and mixes their next-token distributions: log sum_k w_k p_k(x), as
 Branch-Train-Merge ensembles do.
 
-peft loads and saves the adapters and its `adapter_names` forward is the reference; `LoraStack`
-holds every loaded adapter's A and B stacked per module (punica / S-LoRA style), so a serving
-forward computes the LoRA of a batch mixing any number of adapters in a fixed number of matmuls
-per module instead of peft's gather / matmul / scatter per adapter.
+peft loads and saves the adapters and its `adapter_names` forward is the reference (training and
+evaluation use it); the serving engine stacks the adapters for its own forward
+(`serving.engine.lora`), rebuilt whenever `revision` moves.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from experts.base_model import load_base_model, load_tokenizer, pick_device, pick_dtype
 from experts.config import AppConfig, ExpertSpec, PathsSpec
@@ -31,7 +29,7 @@ from experts.errors import ArtifactError, UnknownExpertError
 
 log = logging.getLogger(__name__)
 BASE = "base"  # API name of the bare base model
-_PEFT_BASE = "__base__"  # peft's name for "no adapter" inside a mixed batch
+PEFT_BASE = "__base__"  # peft's name for "no adapter" inside a mixed batch
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -103,7 +101,7 @@ class Expansion:
                 raise ValueError(f"request {i}: mixture weights {dict(comp)} must be positive")
             for name, w in comp.items():
                 owner.append(i)
-                adapters.append(_PEFT_BASE if name == BASE else name)
+                adapters.append(PEFT_BASE if name == BASE else name)
                 weights.append(w / total)
         return cls(owner, adapters, torch.tensor(weights).log(), len(components))
 
@@ -140,137 +138,6 @@ class Expansion:
         return self._sum_by_owner(logp + log_w[..., None])
 
 
-# Modules that read the same input share one stacked A (one matmul for all of them).
-_SIBLINGS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-_MEMBER_ORDER = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-
-
-@dataclass(frozen=True)
-class LoraGroup:
-    """The LoRA of the modules that read one input (a layer's q/k/v, its gate/up, or one module
-    alone), every adapter stacked: slot s holds `LoraStack.names[s]`."""
-
-    members: tuple[str, ...]  # module names, e.g. ("q_proj", "k_proj", "v_proj")
-    ranks: tuple[int, ...]  # per member: the largest rank over the adapters (zero rows pad smaller ones)
-    a: torch.Tensor  # [slots, R, in], R = sum(ranks): the members' A of one adapter, one after the other
-    b: tuple[torch.Tensor, ...]  # per member [out, slots * rank]: slot s owns columns s*rank .. (s+1)*rank
-    scale: torch.Tensor  # [slots, R]: lora_alpha / r of the adapter, for the member each row of `a` feeds
-
-    def mask(self, slots: torch.Tensor) -> torch.Tensor:
-        """[rows, slots, R]: each row's own adapter's scaling, zero for the others (slot -1: no adapter)."""
-        own = slots.to(self.a.device)[:, None] == torch.arange(self.a.shape[0], device=self.a.device)
-        return own.to(self.scale.dtype)[:, :, None] * self.scale
-
-    def for_one(
-        self, slot: int, spans: Sequence[slice] | None, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adapter `slot` alone, for rows that all use it, as (A [R, in] with the scaling folded
-        in, B [width, R]): B writes each member's span (`spans`, in member order; None: the whole
-        output) of an output `width` wide and zero elsewhere, so the group's LoRA of x is
-        x A^T B^T, two matmuls whatever its members (one adapter's copy: small, made per batch)."""
-        a = self.a[slot] * self.scale[slot][:, None]
-        b = torch.zeros(width, a.shape[0], dtype=a.dtype, device=a.device)
-        at = 0
-        for i, (rank, stacked) in enumerate(zip(self.ranks, self.b, strict=True)):
-            rows = spans[i] if spans is not None else slice(None)
-            b[rows, at : at + rank] = stacked[:, slot * rank : (slot + 1) * rank]
-            at += rank
-        return a, b
-
-    def apply_mixed(self, x: torch.Tensor, outputs: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
-        """Rows with different adapters (`mask` from `mask(slots)`): one matmul against every
-        adapter's A, the mask keeps each row's own (scaled), one matmul per member against every B.
-        On a CPU this beats both a gathered per-row bmm and a loop over adapters (docs/benchmarks.md)."""
-        rows, steps = x.shape[:2]
-        slots, total = self.scale.shape
-        h = F.linear(x.to(self.a.dtype), self.a.view(slots * total, -1)).view(rows, steps, slots, total)
-        h = h * mask[:, None]
-        at = 0
-        for rank, b, out in zip(self.ranks, self.b, outputs, strict=True):
-            out.add_(F.linear(h[..., at : at + rank].reshape(rows, steps, slots * rank), b))
-            at += rank
-
-
-@dataclass(frozen=True)
-class LoraStack:
-    """Every loaded adapter's LoRA weights, stacked per module group (the pool restacks on add/remove).
-
-    The stack owns the weights: peft's LoRA modules are left holding views into it, so nothing is
-    stored twice and peft's own forward (the reference) computes with the very same numbers.
-    """
-
-    names: tuple[str, ...]  # slot -> adapter name
-    groups: dict[str, LoraGroup]  # "<parent module>.<qkv | gate_up | module name>" -> its group
-
-    def slots(self, adapters: Sequence[str]) -> list[int]:
-        """Slot of each row's adapter; -1 for the base model."""
-        index = {name: slot for slot, name in enumerate(self.names)}
-        return [-1 if a in (BASE, _PEFT_BASE) else index[a] for a in adapters]
-
-    @classmethod
-    def build(
-        cls, model: Any, adapters: Mapping[str, str], dtype: torch.dtype = torch.float32
-    ) -> LoraStack | None:
-        """Stack a peft model's adapters (expert -> peft adapter name); None when one cannot be
-        stacked (a LoRA variant, a LoRA bias, LoRA on a non-linear module): peft serves."""
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        from peft.tuners.lora.layer import LoraLayer
-
-        loaded = set(adapters.values())
-        modules: dict[str, dict[str, Any]] = {}
-        for path, module in model.get_base_model().named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            names = loaded & {*module.lora_A, *module.lora_embedding_A}
-            if not names:  # peft keeps the wrapper of a module whose adapters were all removed
-                continue
-            if not isinstance(module, LoraLinear) or module.fan_in_fan_out:
-                return None
-            if any(n in module.lora_variant or module.lora_bias.get(n, False) for n in names):
-                return None
-            parent, _, leaf = path.rpartition(".")
-            modules.setdefault(f"{parent}.{_SIBLINGS.get(leaf, leaf)}", {})[leaf] = module
-        groups = {}
-        with torch.no_grad():
-            for key, members in modules.items():
-                group = _stack_group(members, list(adapters.values()), dtype)
-                if group is not None:
-                    groups[key] = group
-        return cls(tuple(adapters), groups)
-
-
-def _stack_group(members: dict[str, Any], names: Sequence[str], dtype: torch.dtype) -> LoraGroup | None:
-    order = sorted(members, key=lambda m: _MEMBER_ORDER.index(m) if m in _MEMBER_ORDER else 0)
-    ranks = {m: max((members[m].r[n] for n in names if n in members[m].lora_A), default=0) for m in order}
-    order = [m for m in order if ranks[m] > 0]  # a module no loaded adapter targets
-    if not order:
-        return None
-    first = members[order[0]]
-    device = first.base_layer.weight.device
-    total = sum(ranks[m] for m in order)
-    a = torch.zeros(len(names), total, first.in_features, dtype=dtype, device=device)
-    scale = torch.zeros(len(names), total, dtype=dtype, device=device)
-    bs = {
-        m: torch.zeros(members[m].out_features, len(names) * ranks[m], dtype=dtype, device=device)
-        for m in order
-    }
-    for slot, name in enumerate(names):
-        at = 0
-        for m in order:
-            module, rank = members[m], ranks[m]
-            if name in module.lora_A:
-                lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
-                r = lora_a.shape[0]
-                a[slot, at : at + r] = lora_a
-                bs[m][:, slot * rank : slot * rank + r] = lora_b
-                scale[slot, at : at + rank] = module.scaling[name]
-                # peft keeps views into the stack: one copy of the weights, the same numbers
-                lora_a.data = a[slot, at : at + r]
-                lora_b.data = bs[m][:, slot * rank : slot * rank + r]
-            at += rank
-    return LoraGroup(tuple(order), tuple(ranks[m] for m in order), a, tuple(bs[m] for m in order), scale)
-
-
 class ExpertPool:
     """The base model once, with every expert's adapter loaded by name."""
 
@@ -284,9 +151,7 @@ class ExpertPool:
         self.lock = threading.RLock()  # adapter add/remove vs forward passes
         self._peft: dict[str, str] = {}  # expert -> peft's name of its loaded version
         self._loads = 0
-        # Every adapter's LoRA stacked (fp32: small, and fp32 small matmuls are the fast ones on a
-        # CPU); None when an adapter cannot be stacked, and then peft computes the LoRA.
-        self.stack: LoraStack | None = LoraStack((), {})
+        self.revision = 0  # moves on every adapter added, replaced or removed
 
     @classmethod
     def load(
@@ -350,7 +215,7 @@ class ExpertPool:
             self.model.eval()
             self.adapters[name] = directory
             self.failed.pop(name, None)
-            self._restack()
+            self.revision += 1
 
     def remove(self, name: str) -> None:
         with self.lock:
@@ -358,19 +223,19 @@ class ExpertPool:
                 raise UnknownExpertError(name, list(self.adapters))
             self.model.delete_adapter(self._peft.pop(name))
             del self.adapters[name]
-            self._restack()
+            self.revision += 1
 
-    def _restack(self) -> None:
-        self.stack = LoraStack.build(self.model, self._peft) if self.adapters else LoraStack((), {})
-        if self.stack is None:
-            log.warning("an adapter cannot be stacked (LoRA variant, bias or non-linear module): peft serves")
+    @property
+    def peft_names(self) -> dict[str, str]:
+        """Expert -> peft's name of its loaded version."""
+        return dict(self._peft)
 
     def names(self) -> list[str]:
         return [BASE, *self.adapters]
 
     def validate(self, names: Sequence[str]) -> None:
         for name in names:
-            if name not in (BASE, _PEFT_BASE) and name not in self.adapters:
+            if name not in (BASE, PEFT_BASE) and name not in self.adapters:
                 raise UnknownExpertError(name, self.names())
 
     @contextlib.contextmanager
@@ -399,7 +264,7 @@ class ExpertPool:
         logits_to_keep=1 computes logits of the last position only (decoding: a prefill would
         otherwise materialise [rows, T, vocab] logits it never reads); a 1-D tensor keeps those
         positions."""
-        names = [_PEFT_BASE if a in (BASE, _PEFT_BASE) else self._peft.get(a, a) for a in adapters]
+        names = [PEFT_BASE if a in (BASE, PEFT_BASE) else self._peft.get(a, a) for a in adapters]
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
             "attention_mask": attention_mask.to(self.device),

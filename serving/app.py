@@ -12,15 +12,13 @@ the experts' files, so the same app spreads over GPUs or nodes by config alone.
 `running_server(app)` context manager) run it programmatically; `moe serve` runs it until Ctrl-C.
 """
 
-import asyncio
 import contextlib
 import logging
-import math
 import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,104 +29,12 @@ from experts.config import AppConfig, ResourceSpec
 from experts.errors import ConfigError, MoeError
 from serving.api import AUTO, api_keys
 from serving.catalogue import check_retrieval, served_experts
-from serving.engine import Delta, GenerationRequest, loaded_versions, open_batch, paced
 from serving.ingress import Ingress
+from serving.pool import ExpertPoolDeployment
 from serving.querylog import query_log_url
 
 log = logging.getLogger("serving")
 APP_NAME = "moe"
-
-
-# --------------------------------------------------------------------------------------------
-# Expert pool deployment
-# --------------------------------------------------------------------------------------------
-@serve.deployment
-class ExpertPoolDeployment:
-    """The base model once and the adapters of `names`; mixed-expert batches, streamed per step.
-    engine "process": decoded by a child process (`serving.worker`); "thread": in this replica."""
-
-    def __init__(
-        self,
-        app: AppConfig,
-        names: list[str],
-        res: ResourceSpec,
-    ):
-        from serving.worker import EngineProcess, load_pool
-
-        self.engine: Any = None
-        self.pool: Any = None
-        if res.engine == "process":
-            self.engine = EngineProcess(app, names, res)
-        else:
-            self.pool = load_pool(app, names, res)
-            self.versions = loaded_versions(self.pool)
-        self.stream_interval_s = app.serve.stream_interval_s
-        # Ray Serve's batcher runs one batch at a time unless told otherwise (a request arriving
-        # mid-batch would wait for all of it); the engine interleaves the steps of those it holds.
-        self._decode_batch = serve.batch(
-            max_batch_size=app.serve.max_batch_size,
-            batch_wait_timeout_s=app.serve.batch_wait_timeout_s,
-            max_concurrent_batches=app.serve.max_concurrent_batches,
-        )(self._decode)
-        info = self.info()
-        log.info(
-            "expert pool ready (%s engine): %s on %s (%s, base weights %s)",
-            res.engine,
-            info["experts"],
-            info["device"],
-            info["dtype"],
-            info["base_weights"],
-        )
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream one request's deltas (call with `handle.options(stream=True)`): the first token's
-        at once (a refusal surfaces before any byte), then, for `request.stream`, what the decoder
-        made since the last one at most every `serve.stream_interval_s` (0: one per token), or
-        else the rest in one. Each message through Ray, the ingress and the proxy costs CPU time
-        the decoder shares."""
-        # A plain async generator in front of the batched one: Ray Serve 2.60 treats the
-        # `@serve.batch` wrapper of a generator as a sync method and refuses to stream it.
-        interval = self.stream_interval_s if request.stream else math.inf
-        async for message in paced(self._decode_batch(request), interval):
-            yield message
-
-    async def _decode(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        """What `self._decode_batch` runs for each batch of requests: decode them; each step
-        yields one Delta per request (StopIteration once it ended).
-        A request that fails (its adapter does not load, its input is refused) gets a Delta with
-        its error; the others decode on."""
-        async for step in self._steps(requests):
-            yield [StopIteration if d is None else d for d in step]
-
-    async def _steps(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        if self.engine is not None:
-            async for step in self.engine.decode(requests):
-                yield step
-            return
-        # Adapters added or retrained since this replica started load first (this request's version).
-        steps = await asyncio.to_thread(open_batch, self.pool, requests, self.versions)
-        while True:
-            # Torch runs in a worker thread so the event loop keeps accepting requests meanwhile.
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                return
-            yield step
-
-    def check_health(self) -> None:
-        """Ray Serve restarts a replica whose engine process died."""
-        if self.engine is not None and not self.engine.alive():
-            raise RuntimeError(self.engine.error or "the engine process exited")
-
-    def info(self) -> dict[str, Any]:
-        from serving.worker import pool_info
-
-        if self.engine is None:
-            return pool_info(self.pool)
-        return {**self.engine.info, "engine_pid": self.engine.proc.pid}
-
-    def __del__(self) -> None:  # Ray Serve calls this when it stops the replica
-        if getattr(self, "engine", None) is not None:
-            self.engine.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,12 +114,12 @@ class ResourceSpec:
     torch_threads: int = 1  # per replica; threads fight under oversubscription
     autoscaling: dict[str, Any] = field(default_factory=dict)  # Ray Serve autoscaling_config
     # Expert pools: "process" decodes in a child process of the replica, torch on its initial
-    # thread (OpenMP spins there; serving/worker.py); "thread" in a worker thread of the replica.
+    # thread (OpenMP spins there; serving/engine/process.py); "thread" in a worker thread of the replica.
     engine: Literal["process", "thread"] = "process"
     # Expert pools on the CPU: the decoder layers' base weights as oneDNN-packed bf16 (bf16 pools),
     # at 4 bits (lossless for a base converted from a 4-bit GGUF), stored in bf16 and computed in
     # fp32 (fp32 pools: CPUs without native bf16), or plain; auto: oneDNN for a bf16 pool, bf16
-    # storage for an fp32 one, each where it is faster here (serving/packed.py)
+    # storage for an fp32 one, each where it is faster here (serving/engine/packed.py)
     base_weights: Literal["auto", "onednn", "int4", "bf16", "plain"] = "auto"
 
     def __post_init__(self) -> None:

@@ -166,7 +166,7 @@ def test_a_replacement_that_fails_to_load_leaves_the_old_version_serving(tiny_ap
     ids = torch.randint(0, 1000, (1, 9))
     mask = torch.ones_like(ids)
     before = pool.forward(ids, mask, ["legal"]).logits
-    peft_names, stack = set(pool.model.peft_config), pool.stack
+    peft_names, revision = set(pool.model.peft_config), pool.revision
     if broken == "garbage":  # refused by check_adapter, before peft sees it
         make_adapter(tiny_app, tmp_path / "v2", seed=1)
         (tmp_path / "v2" / "adapter_model.safetensors").write_bytes(b"garbage")
@@ -175,12 +175,12 @@ def test_a_replacement_that_fails_to_load_leaves_the_old_version_serving(tiny_ap
     with pytest.raises(ArtifactError, match="expert 'legal'"):
         pool.add("legal", tmp_path / "v2")
     assert pool.adapters["legal"] == tmp_path / "v1"
-    assert set(pool.model.peft_config) == peft_names and pool.stack is stack  # nothing half-loaded
+    assert set(pool.model.peft_config) == peft_names and pool.revision == revision  # nothing half-loaded
     torch.testing.assert_close(pool.forward(ids, mask, ["legal"]).logits, before, rtol=0, atol=0)
     # a sound replacement takes over, in place of the old version (not beside it)
     make_adapter(tiny_app, tmp_path / "v3", seed=2)
     pool.add("legal", tmp_path / "v3")
-    assert len(pool.model.peft_config) == 1 and pool.stack is not None and pool.stack.names == ("legal",)
+    assert len(pool.model.peft_config) == 1 and pool.peft_names.keys() == {"legal"}
     after = pool.forward(ids, mask, ["legal"]).logits
     assert not torch.allclose(after, before, atol=1e-4)
     fresh = ExpertPool.load(tiny_app, names=[], device="cpu", precision="fp32")

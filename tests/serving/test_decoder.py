@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from experts.adapters import Expansion, ExpertPool
-from serving.decoder import FastBatch, HFBatch, start_batch
 from serving.engine import GenerationRequest, SamplingParams, generate, serving_weights
+from serving.engine.batch import start_batch
+from serving.engine.decoder import FastBatch, HFBatch
+from serving.engine.prepare import lora_stack
 from tests.experts.test_adapters import make_adapter
 
 EVERY_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -154,8 +156,9 @@ def test_bf16_serving_keeps_the_lora_fp32_and_stacked(tiny_app, folders, tmp_pat
     serving_weights(pool)
     make_adapter(tiny_app, tmp_path / "late", seed=9, r=8, target_modules=["q_proj", "o_proj", "up_proj"])
     pool.add("late", tmp_path / "late")  # added while serving: after the cast
-    assert pool.stack is not None
-    stacked = {t.untyped_storage().data_ptr() for g in pool.stack.groups.values() for t in (g.a, *g.b)}
+    stack = lora_stack(pool)
+    assert stack is not None
+    stacked = {t.untyped_storage().data_ptr() for g in stack.groups.values() for t in (g.a, *g.b)}
     layers = pool.model.config.num_hidden_layers  # every LoRA A and B kept: legal q, v; late q, o, up
     assert sum("lora_" in name for name, _ in pool.model.named_parameters()) == 2 * (2 + 3) * layers
     for name, param in pool.model.named_parameters():
@@ -181,7 +184,7 @@ def test_bf16_serving_keeps_the_lora_fp32_and_stacked(tiny_app, folders, tmp_pat
 
 
 def test_bf16_batches_decode_the_same_with_either_cache_dtype(tiny_app, folders, monkeypatch):
-    import serving.decoder as decoder
+    import serving.engine.decoder as decoder
 
     pool = load_pool(tiny_app, folders, precision="bf16")
     serving_weights(pool)
@@ -229,7 +232,7 @@ def test_an_adapter_the_stack_cannot_hold_is_served_by_peft(tiny_app, folders, t
     pool = load_pool(tiny_app, {"legal": folders["legal"]})
     make_adapter(tiny_app, tmp_path / "odd", seed=4, **lora)
     pool.add("odd", tmp_path / "odd")
-    assert pool.stack is None
+    assert lora_stack(pool) is None
     ids, mask = left_padded([4, 6])
     batch = start_batch(pool, ids, mask, ["odd", "legal"], 10)
     assert isinstance(batch, HFBatch)
@@ -238,21 +241,23 @@ def test_an_adapter_the_stack_cannot_hold_is_served_by_peft(tiny_app, folders, t
     served = generate(pool, [request])[0]
     assert not isinstance(served, Exception) and served == generate(pool, [request], fast=False)[0]
     pool.remove("odd")  # the rest can be stacked again: the fast path is back
-    assert pool.stack is not None and isinstance(start_batch(pool, ids, mask, ["legal"] * 2, 10), FastBatch)
+    assert lora_stack(pool) is not None and isinstance(
+        start_batch(pool, ids, mask, ["legal"] * 2, 10), FastBatch
+    )
 
 
 def test_lora_on_a_module_the_lean_forward_lacks_falls_back(tiny_app, folders, tmp_path):
     pool = load_pool(tiny_app, {"legal": folders["legal"]})
     make_adapter(tiny_app, tmp_path / "head", seed=6, target_modules=["q_proj", "lm_head"])
     pool.add("head", tmp_path / "head")
-    assert pool.stack is not None  # stackable, but FastBatch has no LoRA on lm_head
+    assert lora_stack(pool) is not None  # stackable, but FastBatch has no LoRA on lm_head
     ids, mask = left_padded([3, 5])
     assert isinstance(start_batch(pool, ids, mask, ["head", "legal"], 8), HFBatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_attention_equals_sdpa(dtype):
-    from serving.decoder import attend, decode_bias
+    from serving.engine.decoder import attend, decode_bias
 
     gen = torch.Generator().manual_seed(0)
     rows, heads, kv_heads, columns, dim = 3, 6, 2, 11, 16

@@ -179,7 +179,7 @@ def test_stop_string_ends_generation(pool):
 @pytest.mark.parametrize("stop", ["ee sh", "ee shall not", "e"])
 def test_a_stop_string_over_several_tokens_is_never_streamed_in_part(pool, stop):
     """Text that may begin a stop string is held back until it is known not to be one."""
-    from serving.engine import _Text
+    from serving.engine import Text as _Text
 
     tokens = list(ids(pool, "the licensee shall not sublicense"))
     assert len(tokens) > 4
@@ -199,8 +199,8 @@ def test_a_stop_string_over_several_tokens_is_never_streamed_in_part(pool, stop)
 def test_single_row_mv_matches_f_linear_for_bf16_rows(monkeypatch):
     import torch
 
-    import serving.engine as engine
-    from serving.decoder import linear
+    import serving.engine.prepare as engine
+    from serving.engine.decoder import linear
 
     torch.manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32, bias=False)).to(
@@ -230,8 +230,8 @@ def test_prefers_mv_picks_the_faster_single_row_path(monkeypatch):
 
     import torch
 
-    import serving.decoder as decoder
-    import serving.packed as packed
+    import serving.engine.decoder as decoder
+    import serving.engine.packed as packed
 
     weights = [torch.randn(64, 32, dtype=torch.bfloat16) for _ in range(3)]
     mv, f_linear = torch.mv, torch.nn.functional.linear

@@ -1,4 +1,4 @@
-"""Packed base weights (`serving.packed`): the kernels compute what plain weights do, int4 packs
+"""Packed base weights (`serving.engine.packed`): the kernels compute what plain weights do, int4 packs
 only weights already on a 4-bit grid, and a packed pool decodes the same on both paths, frees its
 plain weights and still takes new adapters. `auto` tries oneDNN for a bf16 pool on a CPU with
 native bf16 and bf16 storage for an fp32 pool on one without (the CPU probe injected, no timing)."""
@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import serving.packed as packed_module
+import serving.engine.packed as packed_module
 from experts.adapters import ExpertPool
 from experts.hardware import parse_cpuinfo
-from serving.decoder import FastBatch, HFBatch, decoder_for, start_batch
 from serving.engine import serving_weights
-from serving.packed import (
+from serving.engine.batch import start_batch
+from serving.engine.decoder import FastBatch, HFBatch
+from serving.engine.packed import (
     GROUP,
     PackedLinear,
     auto_format,
@@ -24,6 +25,7 @@ from serving.packed import (
     packed_groups,
     sibling_groups,
 )
+from serving.engine.prepare import decoder_for
 from tests.experts.test_adapters import make_adapter
 from tests.serving.test_decoder import left_padded
 

@@ -1,4 +1,4 @@
-"""The engine process (`serving.worker`): a real child process on the tiny pool decodes what the
+"""The engine process (`serving.engine.process`): a real child process on the tiny pool decodes what the
 replica's own thread would, interleaves batches, returns per-request errors intact, and fails
 cleanly when it dies."""
 
@@ -17,8 +17,8 @@ import pytest
 from experts.config import ResourceSpec
 from experts.errors import ArtifactError, UnknownExpertError
 from serving.api import RequestError
-from serving.engine import Delta, GenerationRequest, SamplingParams, generate, results
-from serving.worker import (
+from serving.engine import Delta, GenerationRequest, SamplingParams, generate, load_pool, results
+from serving.engine.process import (
     EngineError,
     EngineProcess,
     decode_delta,
@@ -27,7 +27,6 @@ from serving.worker import (
     encode_delta,
     encode_error,
     encode_request,
-    load_pool,
 )
 from tests.serving.conftest import SERVED, serve_config
 
@@ -93,25 +92,26 @@ def test_two_batches_at_once_each_decode_as_alone(engine, local_pool):
 
 def _engine_loop(pool, batches: dict[int, list], cancel_after: dict[int, int] | None = None) -> dict:
     """The engine loop's own steps, in this process over a real pipe: every batch opened at once,
-    stepped and merged as `serve_forever` does; batch -> its messages (kind, payload)."""
+    stepped and merged by the scheduler `serve_forever` runs; batch -> its messages (kind, payload)."""
     from multiprocessing import Pipe
 
-    from serving.engine import Decoding
-    from serving.worker import _cancel, _Held, _merge, _recv, _step
+    from serving.engine.process import _recv, emitter
+    from serving.engine.scheduler import Scheduler
 
     ours, theirs = Pipe()
-    held = [_Held(Decoding(pool, reqs), [(b, 0, len(reqs))]) for b, reqs in batches.items()]
+    scheduler = Scheduler(pool, max_rows=64, emit=emitter(theirs))
+    for b, reqs in batches.items():
+        scheduler.submit(b, reqs)
     counts = {"held after the first merge": None}
     steps = 0
-    while held:
-        held[:] = [h for h in held if _step(theirs, h)]
-        _merge(held, max_rows=64)
+    while scheduler.busy:
+        scheduler.step()
         steps += 1
         if counts["held after the first merge"] is None:
-            counts["held after the first merge"] = len(held)
+            counts["held after the first merge"] = len(scheduler.held)
         for batch, after in (cancel_after or {}).items():
             if steps == after:
-                _cancel(held, batch)
+                scheduler.cancel(batch)
     messages: dict = {b: [] for b in batches}
     while ours.poll():
         kind, batch, payload = _recv(ours)

@@ -12,7 +12,7 @@ Two implementations of one interface (`start_batch`):
   two matmuls per group (`LoraGroup.for_one`, made once per batch), a mix -> one matmul against
   every adapter's A, a per-row mask, one matmul per module against every B. A test holds its
   logits to peft's `adapter_names` forward.
-  Where an fp32 pool's layers are stored in bf16 (`serving.packed`, a CPU without native bf16),
+  Where an fp32 pool's layers are stored in bf16 (`serving.engine.packed`, a CPU without native bf16),
   the decoder keeps a bf16 copy of the LM head too.
 - `HFBatch`: the Hugging Face model through peft (`ExpertPool.forward`, a DynamicCache), for every
   other architecture or adapter kind (DoRA, LoRA on embeddings).
@@ -23,7 +23,6 @@ tokens only, so a row decodes the same tokens alone or in a batch.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +30,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from experts.adapters import ExpertPool, LoraGroup, LoraStack
-from serving.packed import PackedLinear, fastest, pack, packed_group
+from experts.adapters import ExpertPool
+from serving.engine.layout import LAYER_GROUPS
+from serving.engine.lora import LoraGroup, LoraStack
+from serving.engine.packed import PackedLinear, fastest, pack, packed_group
 
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
 FP32_CACHE_ROWS = 8  # batches of at most this many rows keep their KV cache in fp32 on a CPU
-_LORA_PARTS = ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_up", "mlp.down_proj")
 
 
 def linear(
@@ -44,7 +44,7 @@ def linear(
 ) -> torch.Tensor:
     """F.linear, but with mv=True a single row on the CPU goes through `torch.mv`; mixed dtypes
     stay with F.linear. Which of the two reads a bf16 weight faster depends on the CPU (`prefers_mv`).
-    Packed weights (`serving.packed`) go through their own kernel."""
+    Packed weights (`serving.engine.packed`) go through their own kernel."""
     if isinstance(weight, PackedLinear):
         y = weight(x)
         return y if bias is None else y + bias
@@ -98,7 +98,7 @@ def prefers_mv(weights: Sequence[torch.Tensor], rounds: int = 3) -> bool:
 
 def _fuse(linears: Sequence[Any]) -> torch.Tensor | PackedLinear:
     """One weight for linears that read the same input: the group they were packed as
-    (`serving.packed`), else one tensor, and the modules are left holding views of it."""
+    (`serving.engine.packed`), else one tensor, and the modules are left holding views of it."""
     group = packed_group(linears)
     if group is not None:
         return group
@@ -170,7 +170,7 @@ class Decoder:
                         _fuse([att.o_proj]),
                         _fuse([mlp.gate_proj, mlp.up_proj]),
                         _fuse([mlp.down_proj]),
-                        tuple(f"model.layers.{i}.{part}" for part in _LORA_PARTS),
+                        tuple(f"model.layers.{i}.{group}" for group in LAYER_GROUPS),
                     )
                 )
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -183,7 +183,7 @@ class Decoder:
         }
         self._cos = self._sin = torch.empty(0)
         if isinstance(self.layers[0].qkv, PackedLinear) and self.layers[0].qkv.kind == "bf16":
-            # The layers' weights are stored in bf16 (an fp32 pool, `serving.packed`): so is a copy
+            # The layers' weights are stored in bf16 (an fp32 pool, `serving.engine.packed`): so is a copy
             # of the LM head (a fifth of a token's bytes; the fp32 one stays, tied to the embeddings)
             self.lm_head = pack([self.lm_head], "bf16") or self.lm_head
         # A batch-1 token's weights, to time the two single-row paths on this CPU
@@ -205,16 +205,6 @@ class Decoder:
         )
         return layers + size(self.lm_head)
 
-    def current(self) -> bool:
-        """False once the HF model's weights were replaced (e.g. cast): the decoder must be rebuilt."""
-        att = self.model.model.layers[0].self_attn
-        qkv, group = self.layers[0].qkv, packed_group([att.q_proj, att.k_proj, att.v_proj])
-        if group is not None or isinstance(qkv, PackedLinear):
-            same = group is qkv
-        else:
-            same = getattr(att.q_proj, "base_layer", att.q_proj).weight.data_ptr() == qkv.data_ptr()
-        return same and self.embed is self.model.model.embed_tokens.weight
-
     def cache_dtype(self, rows: int) -> torch.dtype:
         """The KV cache's dtype for a batch of `rows`. The decode attention computes in fp32 on a
         CPU (`attend`): an fp32 cache spares it converting every cached column of every layer at
@@ -233,21 +223,6 @@ class Decoder:
             # rotate_half(x) * sin == flip(x halves) * [-sin, sin]
             self._cos, self._sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         return self._cos, self._sin
-
-
-_DECODERS: weakref.WeakKeyDictionary[ExpertPool, Decoder] = weakref.WeakKeyDictionary()
-
-
-def decoder_for(pool: ExpertPool) -> Decoder | None:
-    """The pool's fast decoder (built on first use), or None when the fast path cannot serve it."""
-    model = pool.model.get_base_model() if hasattr(pool.model, "peft_config") else pool.model
-    if fast_path_problem(model) is not None:
-        return None
-    decoder = _DECODERS.get(pool)
-    if decoder is None or not decoder.current():
-        with pool.lock:
-            decoder = _DECODERS[pool] = Decoder(model)
-    return decoder
 
 
 class FastBatch:
@@ -418,20 +393,3 @@ class HFBatch:
             self.cache.batch_select_indices(rows.to(self.pool.device))
             self.mask, self.positions = self.mask[rows], self.positions[rows]
             self.adapters = [self.adapters[r] for r in rows.tolist()]
-
-
-def start_batch(
-    pool: ExpertPool,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    adapters: Sequence[str],
-    capacity: int,
-    fast: bool = True,
-) -> FastBatch | HFBatch:
-    """A decode batch of left-padded rows ids/mask [rows, width], row i with adapter `adapters[i]`,
-    room for `capacity` columns in all; the fast path where it can serve, else the HF model."""
-    decoder = decoder_for(pool) if fast else None
-    stack = pool.stack
-    if decoder is not None and stack is not None and set(stack.groups) <= decoder.lora_keys:
-        return FastBatch(pool, decoder, stack, ids, mask, adapters, capacity)
-    return HFBatch(pool, ids, mask, adapters)

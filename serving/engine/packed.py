@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.hardware import CpuInfo, cpu_info
+from serving.engine.layout import group_key, in_order
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,6 @@ GROUP = 32  # int4: inputs per scale and zero (Q4_1's block)
 # bf16 storage, several rows: output rows of weights widened to fp32 per matmul. 512 x 576 fp32 is
 # 1.2 MB, in cache; a whole lm_head (49152 rows, 113 MB) widened at once took 1.6x as long.
 CHUNK_ROWS = 512
-# Linears of one parent that read the same input: packed and multiplied as one, in this order
-SIBLINGS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-_ORDER = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,11 +150,8 @@ def sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
         parent, _, leaf = path.rpartition(".")
         if leaf == "base_layer":  # inside peft's wrapper, which bears the module's name
             parent, _, leaf = parent.rpartition(".")
-        groups.setdefault(f"{parent}.{SIBLINGS.get(leaf, leaf)}", {})[leaf] = module
-    return [
-        [members[m] for m in sorted(members, key=lambda m: _ORDER.index(m) if m in _ORDER else 0)]
-        for members in groups.values()
-    ]
+        groups.setdefault(group_key(parent, leaf), {})[leaf] = module
+    return [[members[m] for m in in_order(members)] for members in groups.values()]
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ futex wake-up. On 2 CPUs, 2 torch threads in a replica decode slower than 1
 (benchmarks/openmp_threads_bench.py). In a child process whose initial thread runs torch, the team
 is the only one and spins as it should (vLLM runs its engine in a separate process too).
 
-`EngineProcess` (in the replica) starts `python -m serving.worker FD` over a private socket pair,
+`EngineProcess` (in the replica) starts `python -m serving.engine.process FD` over a private socket pair,
 sends it the config, and waits until the pool is loaded. `decode(requests)` sends one batch and
 yields its steps as the child produces them; the child merges a batch that arrives while others
 decode into them after its prefill (one forward pass a step for all: iteration-level batching),
@@ -20,10 +20,8 @@ dies (its next read sees the end of the stream).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -31,7 +29,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -39,17 +37,14 @@ from typing import Any
 from experts.config import AppConfig, ResourceSpec, build
 from experts.errors import ArtifactError, ConfigError, DataError, MoeError, UnknownExpertError
 from serving.api import OverloadedError, RequestError, UnavailableError
-from serving.engine import Delta, GenerationRequest
+from serving.engine.protocol import EngineError
+from serving.engine.requests import Delta, GenerationRequest
+from serving.engine.streams import StreamingEngine
 
 log = logging.getLogger(__name__)
 
 GONE = (OSError, EOFError, ValueError)  # talking to a process that may have exited
 READY_TIMEOUT_S = 900.0  # loading the base model and every adapter (a cold disk, a big model)
-
-
-class EngineError(UnavailableError):
-    """The engine process failed or went away; the requests it held fail with this (HTTP 503:
-    the replica's health check fails with it too, and Ray Serve starts a new one)."""
 
 
 # Exceptions a delta or a failed batch may carry, rebuilt by name on the replica's side; any
@@ -128,35 +123,35 @@ def _recv(conn: Connection) -> list[Any]:
 # --------------------------------------------------------------------------------------------
 # The replica's side
 # --------------------------------------------------------------------------------------------
-class EngineProcess:
+class EngineProcess(StreamingEngine):
     """A running engine process: `decode` batches on it, `info` about its pool, `close` it."""
 
     def __init__(self, app: AppConfig, names: Sequence[str], res: ResourceSpec):
+        super().__init__()
         parent, child = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[1])  # this project, wherever the replica's cwd is
+        root = str(Path(__file__).resolve().parents[2])  # this project, wherever the replica's cwd is
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(res.torch_threads), "PYTHONPATH": path}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.worker", str(child.fileno())],
+            [sys.executable, "-m", "serving.engine.process", str(child.fileno())],
             pass_fds=(child.fileno(),),
             env=env,
         )
         child.close()
         self.conn = Connection(parent.detach())
         self._send_lock = threading.Lock()
-        self._ids = itertools.count()
-        self._batches: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
-        self._lock = threading.Lock()
-        self.error: str | None = None
         self._closing = False
         self._send("init", dataclasses.asdict(app), list(names), dataclasses.asdict(res))
         kind, payload = self._wait_ready()
         if kind != "ready":
             self.close()
             raise EngineError(f"the engine process could not load the expert pool: {payload}")
-        self.info: dict[str, Any] = payload
+        self.info: dict[str, Any] = self._describe(payload)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
+
+    def _describe(self, pool: dict[str, Any]) -> dict[str, Any]:
+        return {**pool, "engine": "process", "mixtures": True, "engine_pid": self.proc.pid}
 
     def _wait_ready(self) -> tuple[str, Any]:
         waited = 0.0
@@ -179,24 +174,30 @@ class EngineProcess:
     def alive(self) -> bool:
         return self.error is None and self.proc.poll() is None
 
+    def _submit(self, batch: int, requests: Sequence[GenerationRequest]) -> None:
+        try:
+            self._send("decode", batch, [encode_request(r) for r in requests])
+        except GONE as exc:
+            raise EngineError(f"the engine process went away ({exc})") from exc
+
+    def _cancel(self, batch: int) -> None:
+        with contextlib.suppress(*GONE):
+            self._send("cancel", batch, None)
+
     def _read(self) -> None:
         """Hand each message of the child to the batch it belongs to (runs in a thread)."""
         try:
             while True:
                 kind, *rest = _recv(self.conn)
                 if kind == "info":
-                    self.info = rest[0]
+                    self.info = self._describe(rest[0])
                     continue
                 batch, payload = rest
                 if kind == "step":
                     payload = [decode_delta(d) for d in payload]
                 elif kind == "error":
                     payload = decode_error(payload)
-                with self._lock:
-                    target = self._batches.get(batch)
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+                self.deliver(kind, batch, payload)
         except (EOFError, OSError):
             try:
                 self.error = f"the engine process exited (code {self.proc.wait(5.0)})"
@@ -205,39 +206,7 @@ class EngineProcess:
         except Exception as exc:  # a message that cannot be read: nothing more can be trusted
             self.error = f"unreadable message from the engine process: {exc!r}"
         (log.info if self._closing else log.error)("expert pool engine stopped: %s", self.error)
-        with self._lock:
-            pending = list(self._batches.values())
-        for loop, queue in pending:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", EngineError(self.error)))
-
-    async def decode(self, requests: Sequence[Any]) -> AsyncIterator[list[Any]]:
-        """`serving.engine.decode` on the engine process, adapters loaded first: one list of
-        Delta-or-None per step."""
-        if not self.alive():
-            raise EngineError(self.error or f"the engine process exited (code {self.proc.returncode})")
-        batch = next(self._ids)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        with self._lock:
-            self._batches[batch] = (asyncio.get_running_loop(), queue)
-        try:
-            try:
-                self._send("decode", batch, [encode_request(r) for r in requests])
-            except GONE as exc:
-                raise EngineError(f"the engine process went away ({exc})") from exc
-            while True:
-                kind, payload = await queue.get()
-                if kind == "step":
-                    yield payload
-                elif kind == "done":
-                    return
-                else:  # "error": the batch failed as a whole (its forward pass, the process)
-                    raise payload
-        finally:
-            with self._lock:
-                self._batches.pop(batch, None)
-            if self.alive():
-                with contextlib.suppress(*GONE):
-                    self._send("cancel", batch, None)  # a no-op for a batch that ended
+        self.fail_all(self.error)
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._closing = True
@@ -255,93 +224,11 @@ class EngineProcess:
 # --------------------------------------------------------------------------------------------
 # The engine process
 # --------------------------------------------------------------------------------------------
-def pool_info(pool: Any) -> dict[str, Any]:
-    from serving.packed import layout
-
-    return {
-        "experts": list(pool.adapters),
-        "failed": dict(pool.failed),
-        "device": pool.device,
-        "dtype": str(pool.dtype).removeprefix("torch."),
-        "base_weights": layout(pool.model),
-    }
-
-
-def load_pool(app: Any, names: Sequence[str], res: ResourceSpec) -> Any:
-    """The serving pool: threads set, base weights in the compute dtype and `res.base_weights`."""
-    import torch
-
-    from experts.adapters import ExpertPool
-    from serving.engine import serving_weights
-
-    torch.set_num_threads(res.torch_threads)  # replicas share cores; oversubscribed threads fight
-    pool = ExpertPool.load(app, list(names), strict=False)
-    serving_weights(pool, res.base_weights)  # adapters loaded later wrap these same base weights
-    return pool
-
-
-@dataclasses.dataclass
-class _Held:
-    """A decoding the engine steps, and the batches whose requests it holds: (batch id, its first
-    request in the decoding, how many) in request order; a batch leaves once all of its ended."""
-
-    decoding: Any  # serving.engine.Decoding
-    batches: list[tuple[int, int, int]]
-
-
-def _step(conn: Connection, held: _Held) -> bool:
-    """One step of a held decoding, sent to its batches; False once it has ended."""
-    try:
-        step = held.decoding.step()
-    except Exception as exc:  # a shared forward pass failed: its batches fail as a whole
-        log.exception("batches %s failed", [b for b, _, _ in held.batches])
-        for batch, _, _ in held.batches:
-            _send(conn, "error", batch, encode_error(exc))
-        return False
-    if step is None:
-        for batch, _, _ in held.batches:
-            _send(conn, "done", batch, None)
-        return False
-    active = set(held.decoding.active)
-    for batch, first, count in list(held.batches):
-        _send(conn, "step", batch, [encode_delta(d) for d in step[first : first + count]])
-        if active.isdisjoint(range(first, first + count)):  # every request of this batch ended
-            _send(conn, "done", batch, None)
-            held.batches.remove((batch, first, count))
-    return bool(held.batches)
-
-
-def _merge(held: list[_Held], max_rows: int) -> None:
-    """Merge each decoding that has started into the first earlier one that can take it (the lean
-    decoder, the same adapter stack, at most max_rows rows together): one forward pass a step
-    for all of them instead of one each (iteration-level batching)."""
-    for i, target in enumerate(held):
-        for other in held[i + 1 :]:
-            if not (target.batches and other.batches) or other.decoding.batch is None:
-                continue
-            if target.decoding.rows + other.decoding.rows > max_rows:
-                continue
-            offset = len(target.decoding.requests)
-            if target.decoding.absorb(other.decoding):
-                target.batches += [(b, first + offset, n) for b, first, n in other.batches]
-                other.batches = []
-    held[:] = [h for h in held if h.batches]
-
-
-def _cancel(held: list[_Held], batch: int) -> None:
-    """A batch's client went away: its requests stop; the others in its decoding go on."""
-    for h in held:
-        entry = next((e for e in h.batches if e[0] == batch), None)
-        if entry is not None:
-            h.batches.remove(entry)
-            h.decoding.drop(range(entry[1], entry[1] + entry[2]))
-    held[:] = [h for h in held if h.batches]
-
-
 def serve_forever(conn: Connection) -> None:
-    """The engine loop: read batches, step every held decoding in turn, send every step back. A
-    batch that arrives while others decode is merged into them after its prefill (`_merge`)."""
-    from serving.engine import Decoding, load_adapters, loaded_versions
+    """The engine loop: read batches, step every held batch (`scheduler.Scheduler`: a batch that
+    arrives while others decode is merged into them after its prefill), send every step back."""
+    from serving.engine.prepare import load_pool, pool_info
+    from serving.engine.scheduler import Scheduler
 
     kind, fields, names, resources = _recv(conn)
     assert kind == "init", kind
@@ -352,31 +239,31 @@ def serve_forever(conn: Connection) -> None:
         log.exception("could not load the expert pool")
         _send(conn, "failed", f"{type(exc).__name__}: {exc}")
         return
-    max_rows = app.serve.max_batch_size * app.serve.max_concurrent_batches
-    versions = loaded_versions(pool)
+    scheduler = Scheduler(pool, app.serve.max_batch_size * app.serve.max_concurrent_batches, emitter(conn))
     _send(conn, "ready", pool_info(pool))
-    held: list[_Held] = []
     while True:
-        while conn.poll(0 if held else None):
+        while conn.poll(0 if scheduler.busy else None):
             kind, batch, payload = _recv(conn)
             if kind == "stop":
                 return
             if kind == "cancel":
-                _cancel(held, batch)
-                continue
-            requests = [decode_request(r) for r in payload]
-            known = len(pool.adapters), len(pool.failed)
-            try:
-                decoding = Decoding(pool, requests, load_adapters(pool, requests, versions))
-            except Exception as exc:  # this batch only
-                log.exception("batch %d failed", batch)
-                _send(conn, "error", batch, encode_error(exc))
-            else:
-                held.append(_Held(decoding, [(batch, 0, len(requests))]))
-            if (len(pool.adapters), len(pool.failed)) != known:
+                scheduler.cancel(batch)
+            elif scheduler.submit(batch, [decode_request(r) for r in payload]):
                 _send(conn, "info", pool_info(pool))
-        held[:] = [h for h in held if _step(conn, h)]
-        _merge(held, max_rows)
+        scheduler.step()
+
+
+def emitter(conn: Connection) -> Callable[[str, int, Any], None]:
+    """The scheduler's events as messages to the replica: deltas and errors encoded."""
+
+    def emit(kind: str, batch: int, payload: Any) -> None:
+        if kind == "step":
+            payload = [encode_delta(d) for d in payload]
+        elif kind == "error":
+            payload = encode_error(payload)
+        _send(conn, kind, batch, payload)
+
+    return emit
 
 
 def main(argv: Sequence[str]) -> int:
