@@ -69,6 +69,7 @@ from serving.engine import (
 from serving.proposals import load_summary
 from serving.querylog import QueryEntry, QueryLog, query_log_url
 from serving.review import review_router
+from serving.vllm_engine import unmixed
 
 log = logging.getLogger("serving")
 APP_NAME = "moe"
@@ -122,6 +123,10 @@ class ExpertPoolDeployment:
         self.pool: Any = None
         if res.engine == "process":
             self.engine = EngineProcess(app, names, res)
+        elif res.engine == "vllm":
+            from serving.vllm_engine import VllmEngine
+
+            self.engine = VllmEngine(app, names, res)
         else:
             self.pool = load_pool(app, names, res)
             self.versions = loaded_versions(self.pool)
@@ -412,6 +417,8 @@ class Ingress:
             # the event loop free for slower (embedding) pipelines.
             (decision,) = await asyncio.to_thread(self.router.decide, [text])
             decision = self._servable(decision)
+            if self.config.serve.pool.engine == "vllm":  # it cannot mix adapters: the top expert answers
+                decision = unmixed(decision)
             self.metrics.routed(decision.confidence, decision.decision)
             return decision
         if model not in self.placement:
@@ -854,7 +861,7 @@ def thread_advice(threads: int, cpus: int, engine: str = "process") -> str | Non
     "process" engine runs torch on its own process's initial thread (threads managed = threads);
     the "thread" engine runs it off the replica's (threads + 1): on 2 CPUs two threads there decode
     19 tok/s, one 25 (benchmarks/openmp_threads_bench.py)."""
-    initial = 0 if engine == "process" else 1  # the replica's initial thread, counted too
+    initial = 1 if engine == "thread" else 0  # the replica's initial thread, counted too
     if threads > 1 and threads + initial > cpus:
         return (
             f"torch_threads={threads} on {cpus} CPUs ({engine} engine): OpenMP would manage "

@@ -137,9 +137,7 @@ class EngineProcess:
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(res.torch_threads), "PYTHONPATH": path}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.worker", str(child.fileno())],
-            pass_fds=(child.fileno(),),
-            env=env,
+            [*self._command(res), str(child.fileno())], pass_fds=(child.fileno(),), env=env
         )
         child.close()
         self.conn = Connection(parent.detach())
@@ -149,7 +147,7 @@ class EngineProcess:
         self._lock = threading.Lock()
         self.error: str | None = None
         self._closing = False
-        self._send("init", dataclasses.asdict(app), list(names), dataclasses.asdict(res))
+        self._send(*self._init_message(app, names, res))
         kind, payload = self._wait_ready()
         if kind != "ready":
             self.close()
@@ -157,6 +155,13 @@ class EngineProcess:
         self.info: dict[str, Any] = payload
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
+
+    def _command(self, res: ResourceSpec) -> list[str]:
+        """The engine process's command line, before its socket's fd (the vllm engine: another venv)."""
+        return [sys.executable, "-m", "serving.worker"]
+
+    def _init_message(self, app: AppConfig, names: Sequence[str], res: ResourceSpec) -> tuple[Any, ...]:
+        return ("init", dataclasses.asdict(app), list(names), dataclasses.asdict(res))
 
     def _wait_ready(self) -> tuple[str, Any]:
         waited = 0.0
