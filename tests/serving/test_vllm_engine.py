@@ -207,6 +207,7 @@ def test_a_mixture_decision_is_served_by_its_top_expert_and_reported_as_routed()
 
 
 @pytest.mark.serve
+@pytest.mark.slow  # 45-105 s on 2 busy cores: Ray Serve, vLLM's start, a killed engine
 def test_served_with_vllm_mixtures_route_to_the_top_expert_and_a_dead_engine_is_a_503(artifacts):
     """The real app on 127.0.0.1 with the vllm engine and a router whose policy mixes: `auto` is
     answered by the top expert as `routed`, exactly as when that expert is forced; after the vLLM
