@@ -187,6 +187,23 @@ def test_an_expert_added_and_one_replaced_while_requests_stream_fail_nothing(
     assert {"legal", "python_docs"} <= set(engine.info["experts"])
 
 
+def test_a_batch_whose_client_goes_away_is_aborted_and_the_engine_decodes_on(engine, ours):
+    long = GenerationRequest(
+        prompt(ours, "the court"), {"legal": 1.0}, dataclasses.replace(GREEDY, max_tokens=60)
+    )
+    other = GenerationRequest(prompt(ours, "the gene encodes"), {"biomedical": 1.0}, GREEDY)
+
+    async def leave_then_ask():
+        steps = engine.decode([long])
+        async for _ in steps:
+            break  # the client went away after the first token: the replica cancels the batch
+        await steps.aclose()
+        return await collect(engine, [other])
+
+    assert asyncio.run(leave_then_ask()) == generate(ours, [other])
+    assert engine.alive()
+
+
 def test_a_missing_vllm_venv_is_one_clear_error(app):
     res = dataclasses.replace(
         app.serve.pool, vllm=dataclasses.replace(app.serve.pool.vllm, python="nowhere/python")
