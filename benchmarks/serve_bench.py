@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/serve_bench.py --quick    # fewer requests (a smoke run)
     .venv/bin/python benchmarks/serve_bench.py --served-only serve.pool.engine=thread   # A/B of settings
     .venv/bin/python benchmarks/serve_bench.py --avx2     # as an AVX2-only CPU runs it (bandwidth not imitated)
+    .venv/bin/python benchmarks/serve_bench.py --served-only --engines process,vllm   # both engines side by side
 
 - Throughput and latency at concurrency 1, 8 and 32 (32-token prompts, exactly 64 new tokens,
   requests spread round-robin over the experts), for
@@ -12,6 +13,8 @@
   served: the real endpoint over HTTP (ingress + expert pool, mixed-expert batches).
 - Memory: one base + N adapters vs N separate models (parameter bytes, at the serving dtype).
 - Routing overhead: model=auto vs the same expert forced (1 new token), and POST /v1/route.
+- Engines (`--engines process,vllm`): the endpoint is started once per engine (`serve.pool.engine`)
+  and measured the same way; the side-by-side table adds each engine process's resident memory.
 
 Adapters are random-init LoRA (r=16 on q,k,v,o) on the real base: their cost is exactly that of
 trained ones. The router is the trained one when artifacts/router matches the experts, else a
@@ -290,6 +293,61 @@ def bench_routing(url: str, expert: str, repeats: int) -> dict[str, Any]:
     return {"auto_ms": auto, "forced_ms": forced, "overhead_ms": round(auto - forced, 1), "route_ms": route}
 
 
+def engine_rss_mib(pid: int) -> float:
+    """Resident memory of a pool's engine process (base, adapters, KV cache, runtime), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def bench_endpoint(
+    app: AppConfig, names: list[str], texts: list[str], totals: dict[int, int], quick: bool
+) -> Any:
+    """Start the endpoint of `app`, measure it (throughput at each concurrency, one stream, 32
+    streams, routing, the engine process's memory), stop it."""
+    from ray import serve
+
+    from serving.app import APP_NAME, start_server, stop_server
+
+    print(f"served ({app.serve.pool.engine} engine) ...", flush=True)
+    url = start_server(app)
+    try:
+        result: dict[str, Any] = {
+            "served": {str(c): v for c, v in bench_served(url, names, texts, totals).items()},
+            "stream": bench_stream(url, names, texts, 3 if quick else 7),
+            "streams_32": bench_streams(url, names, texts, 32),
+        }
+        repeats = 5 if quick else 20
+        result["routing"] = {**bench_routing(url, names[0], repeats), "repeats": repeats}
+        pool = serve.get_deployment_handle(f"pool_{app.base_model.name}", APP_NAME)
+        info = pool.info.remote().result()
+        pid = info.get("engine_pid")
+        result["engine"] = {
+            "engine": app.serve.pool.engine,
+            "dtype": info["dtype"],
+            "rss_mib": None if pid is None else engine_rss_mib(pid),  # thread engine: in the replica
+        }
+    finally:
+        stop_server()
+    return result
+
+
+def engines_table(r: dict[str, Any]) -> str:
+    """Both engines side by side (`--engines`): the same load, one endpoint each."""
+    rows = [
+        "| engine | dtype | c=1 streamed tok/s | c=1 tok/s | c=8 tok/s | c=32 tok/s | 32 streams tok/s | engine RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in r["engines"].items():
+        served = " | ".join(str(e["served"][str(c)]["throughput_tok_s"]) for c in CONCURRENCY)
+        rows.append(
+            f"| {name} | {e['engine']['dtype']} | {e['stream']['decode_tok_s']} | {served} | "
+            f"{e['streams_32']['throughput_tok_s']} | {e['engine']['rss_mib']} |"
+        )
+    return "\n".join(rows)
+
+
 def pool_bytes(pool: ExpertPool, lora: bool = True) -> int:
     """Bytes the pool holds as it serves, each storage counted once: its parameters (peft's LoRA
     parameters are views into the fp32 LoRA stack, counted with it; lora=False: the base model
@@ -375,11 +433,9 @@ def table(r: dict[str, Any]) -> str:
 
 
 def streams_line(r: dict[str, Any]) -> str:
-    s, plain = r["streams_32"], r["served"]["32"]
-    return (
-        f"32 concurrent streams: {s['throughput_tok_s']} tok/s (the same 32 not streamed: "
-        f"{plain['throughput_tok_s']}), stream_interval_s {r['serve']['stream_interval_s']}."
-    )
+    s, plain = r["streams_32"], r["served"].get("32")
+    same = f" (the same 32 not streamed: {plain['throughput_tok_s']})" if plain else ""
+    return f"32 concurrent streams: {s['throughput_tok_s']} tok/s{same}, stream_interval_s {r['serve']['stream_interval_s']}."
 
 
 def limit_line(r: dict[str, Any]) -> str:
@@ -408,24 +464,36 @@ def main() -> None:
     parser.add_argument(
         "--avx2", action="store_true", help="imitate an AVX2-only CPU (bandwidth not imitated)"
     )
+    parser.add_argument(
+        "--concurrency", default=None, help="comma-separated client concurrencies (default 1,8,32)"
+    )
+    parser.add_argument(
+        "--engines",
+        default=None,
+        help="comma-separated pool engines to measure side by side, e.g. process,vllm "
+        "(default: serve.pool.engine of the config alone)",
+    )
     args = parser.parse_args()
     imitate_avx2()
-    totals = {1: 2, 8: 8, 32: 32} if args.quick else {1: 4, 8: 16, 32: 32}
+    global CONCURRENCY
+    if args.concurrency:
+        CONCURRENCY = tuple(int(c) for c in args.concurrency.split(","))
+    # requests per concurrency: a few rounds of the clients (one round for c >= 32)
+    totals = {c: c if c >= 32 else max(2, c) * (1 if args.quick else 2) for c in CONCURRENCY}
     base_app = compose(args.overrides)
     out = Path(args.out or base_app.paths.artifacts_dir / "bench" / "serve.json")
     names = [e.name for e in base_app.experts if e.routable][: args.experts]
     torch.set_num_threads(base_app.serve.pool.torch_threads)
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
         root = Path(tmp) / "artifacts"
-        app = compose(
-            [
-                f"experts=[{','.join(names)}]",
-                f"paths.artifacts={root}",
-                f"serve.port={PORT}",
-                "serve.max_batch_size=32",
-                *args.overrides,
-            ]
-        )
+        app_overrides = [
+            f"experts=[{','.join(names)}]",
+            f"paths.artifacts={root}",
+            f"serve.port={PORT}",
+            "serve.max_batch_size=32",
+            *args.overrides,
+        ]
+        app = compose(app_overrides)
         print(f"adapters for {names} (random-init LoRA r=16 q,k,v,o on {app.base_model.name})", flush=True)
         make_adapters(app, names, root)
         router_kind = make_router(app, names, root)
@@ -470,24 +538,22 @@ def main() -> None:
                 "separate_bytes": one_model * len(names),
                 "pool_vs_one_model": round(mem["pool_bytes"] / one_model, 3),
             }
-        from serving.app import start_server, stop_server
-
-        print("served ...", flush=True)
-        url = start_server(app)
-        try:
-            result["served"] = {str(c): v for c, v in bench_served(url, names, texts, totals).items()}
-            result["stream"] = one = bench_stream(url, names, texts, 3 if args.quick else 7)
+        engines = args.engines.split(",") if args.engines else [app.serve.pool.engine]
+        result["engines"] = {}
+        for engine in engines:
+            with_engine = compose([*app_overrides, f"serve.pool.engine={engine}"])
+            measured = bench_endpoint(with_engine, names, texts, totals, args.quick)
+            one = measured["stream"]
             one["of_limit"] = round(one["decode_tok_s"] / result["bandwidth"]["limit_tok_s"], 3)
-            result["streams_32"] = bench_streams(url, names, texts, 32)
-            repeats = 5 if args.quick else 20
-            result["routing"] = {**bench_routing(url, names[0], repeats), "repeats": repeats}
-        finally:
-            stop_server()
+            result["engines"][engine] = measured
+        result.update(result["engines"][engines[0]])  # the first engine's figures, as before
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     print("\n" + table(result))
+    if len(result["engines"]) > 1:
+        print("\n" + engines_table(result))
     print(f"\nwritten to {out}")
 
 

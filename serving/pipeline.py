@@ -91,6 +91,15 @@ def route_text(body: Body) -> str:
     return body.text()
 
 
+def unmixed(decision: RoutingDecision) -> RoutingDecision:
+    """A routing decision an engine that cannot mix adapters serves as it is answered: a mixture
+    becomes its top expert alone, reported as `routed` (the router's probabilities are kept, so
+    the query log still shows the runner-up)."""
+    if len(decision.experts) <= 1:
+        return decision
+    return dataclasses.replace(decision, experts={decision.expert: 1.0}, decision="routed")
+
+
 def servable(decision: RoutingDecision, served: Collection[str], fallback_model: str) -> RoutingDecision:
     """The router's decision restricted to the `served` models (an expert whose adapter is not
     trained yet is not): the rest of a mixture is renormalised; with none left, the fallback."""
@@ -219,6 +228,8 @@ class CompletionPipeline:
             # the event loop free for slower (embedding) pipelines.
             (decision,) = await asyncio.to_thread(catalogue.router.decide, [text])
             decision = servable(decision, catalogue.placement, catalogue.config.router.fallback_model)
+            if catalogue.config.serve.pool.engine == "vllm":  # it cannot mix adapters: the top expert answers
+                decision = unmixed(decision)
             if self.metrics is not None:
                 self.metrics.routed(decision.confidence, decision.decision)
             return decision

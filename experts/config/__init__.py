@@ -28,6 +28,7 @@ from experts.config.expert import (
     GenerationSpec,
     PackageRef,
     ResourceSpec,
+    VllmSpec,
 )
 from experts.config.router import FineTuneSpec, RouterSpec
 from experts.config.serve import ProposalSpec, ServeSpec
@@ -51,6 +52,7 @@ __all__ = [
     "PathsSpec",
     "ProposalSpec",
     "ResourceSpec",
+    "VllmSpec",
     "RouterSpec",
     "ServeSpec",
     "TrainSpec",

@@ -103,6 +103,31 @@ class GenerationSpec:
 
 
 @dataclass(frozen=True)
+class VllmSpec:
+    """The `vllm` engine's own settings (`serve.pool.engine: vllm`, serving/engine/vllm.py)."""
+
+    # vLLM's interpreter: its own venv (`make vllm`), as vLLM pins transformers < 5.20 and we 5.23.
+    # Relative to the project root.
+    python: str = ".venv-vllm/bin/python"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU or a bf16 CPU, else fp32
+    gpu_memory_utilization: float = (
+        0.9  # of the GPU's memory for weights + KV cache (fractional num_gpus: lower it)
+    )
+    kv_cache_gib: int = 1  # CPU only: the KV cache, whole GiB (VLLM_CPU_KVCACHE_SPACE)
+    # LoRA slots beyond the served experts: a replaced adapter's new version loads while requests
+    # on the old one finish, and an expert added while serving needs one.
+    spare_loras: int = 2
+
+    def __post_init__(self) -> None:
+        check(
+            0 < self.gpu_memory_utilization <= 1,
+            f"vllm.gpu_memory_utilization {self.gpu_memory_utilization} must lie in (0, 1]",
+        )
+        check(self.kv_cache_gib >= 1, f"vllm.kv_cache_gib {self.kv_cache_gib} must be >= 1")
+        check(self.spare_loras >= 1, f"vllm.spare_loras {self.spare_loras} must be >= 1")
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     """Ray Serve resources for a deployment (an expert pool or a dedicated expert)."""
 
@@ -114,13 +139,15 @@ class ResourceSpec:
     torch_threads: int = 1  # per replica; threads fight under oversubscription
     autoscaling: dict[str, Any] = field(default_factory=dict)  # Ray Serve autoscaling_config
     # Expert pools: "process" decodes in a child process of the replica, torch on its initial
-    # thread (OpenMP spins there; serving/engine/process.py); "thread" in a worker thread of the replica.
-    engine: Literal["process", "thread"] = "process"
+    # thread (OpenMP spins there; serving/engine/process.py); "thread" in a worker thread of the replica;
+    # "vllm": vLLM's engine in a process of its own venv (serving/engine/vllm.py; no mixtures).
+    engine: Literal["process", "thread", "vllm"] = "process"
     # Expert pools on the CPU: the decoder layers' base weights as oneDNN-packed bf16 (bf16 pools),
     # at 4 bits (lossless for a base converted from a 4-bit GGUF), stored in bf16 and computed in
     # fp32 (fp32 pools: CPUs without native bf16), or plain; auto: oneDNN for a bf16 pool, bf16
     # storage for an fp32 one, each where it is faster here (serving/engine/packed.py)
     base_weights: Literal["auto", "onednn", "int4", "bf16", "plain"] = "auto"
+    vllm: VllmSpec = field(default_factory=VllmSpec)  # engine "vllm" only
 
     def __post_init__(self) -> None:
         check(self.num_replicas >= 1, f"num_replicas {self.num_replicas} must be >= 1")

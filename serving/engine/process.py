@@ -133,15 +133,13 @@ class EngineProcess(StreamingEngine):
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(res.torch_threads), "PYTHONPATH": path}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.engine.process", str(child.fileno())],
-            pass_fds=(child.fileno(),),
-            env=env,
+            [*self._command(res), str(child.fileno())], pass_fds=(child.fileno(),), env=env
         )
         child.close()
         self.conn = Connection(parent.detach())
         self._send_lock = threading.Lock()
         self._closing = False
-        self._send("init", dataclasses.asdict(app), list(names), dataclasses.asdict(res))
+        self._send(*self._init_message(app, names, res))
         kind, payload = self._wait_ready()
         if kind != "ready":
             self.close()
@@ -151,7 +149,14 @@ class EngineProcess(StreamingEngine):
         self._reader.start()
 
     def _describe(self, pool: dict[str, Any]) -> dict[str, Any]:
-        return {**pool, "engine": "process", "mixtures": True, "engine_pid": self.proc.pid}
+        return {"engine": "process", "mixtures": True, **pool, "engine_pid": self.proc.pid}
+
+    def _command(self, res: ResourceSpec) -> list[str]:
+        """The engine process's command line, before its socket's fd (the vllm engine: another venv)."""
+        return [sys.executable, "-m", "serving.engine.process"]
+
+    def _init_message(self, app: AppConfig, names: Sequence[str], res: ResourceSpec) -> tuple[Any, ...]:
+        return ("init", dataclasses.asdict(app), list(names), dataclasses.asdict(res))
 
     def _wait_ready(self) -> tuple[str, Any]:
         waited = 0.0

@@ -50,4 +50,8 @@ def make_engine(app: AppConfig, names: Sequence[str], res: ResourceSpec) -> Engi
         from serving.engine.thread import ThreadEngine
 
         return ThreadEngine(app, names, res)
-    raise ValueError(f"unknown engine {res.engine!r}; available: ['process', 'thread']")
+    if res.engine == "vllm":
+        from serving.engine.vllm import VllmEngine
+
+        return VllmEngine(app, names, res)
+    raise ValueError(f"unknown engine {res.engine!r}; available: ['process', 'thread', 'vllm']")
