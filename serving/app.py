@@ -66,9 +66,9 @@ from serving.engine import (
     open_batch,
     paced,
 )
-from serving.proposals import load_summary
-from serving.querylog import QueryEntry, QueryLog, query_log_url
-from serving.review import review_router
+from serving.trust.proposals import load_summary
+from serving.trust.querylog import QueryEntry, QueryLog, query_log_url
+from serving.trust.review import review_router
 
 log = logging.getLogger("serving")
 APP_NAME = "moe"

@@ -30,7 +30,7 @@ import numpy as np
 
 from experts.errors import ConfigError, MoeError
 from experts.schema import RESERVED_SLUGS, SLUG_RE, AppConfig, ProposalSpec
-from serving.querylog import QueryLog
+from serving.trust.querylog import QueryLog
 
 PROPOSED_SUFFIX = ".yaml.proposed"
 REPORT_NAME = "proposals"  # artifacts/reports/proposals.{md,json,png}
@@ -403,7 +403,7 @@ def propose_experts_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
     """`moe propose-experts`: print the proposals, draft their files, write the report."""
     from experts.config import config_dir
     from router.features import load_encoder
-    from serving.querylog import open_query_log
+    from serving.trust.querylog import open_query_log
 
     spec = _spec(app)
     if app.router.encoder_package is None:
