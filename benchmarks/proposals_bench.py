@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from experts.config import compose
-from router.features import load_encoder
+from router.encoder import load_encoder
 from serving.app import running_server
 from serving.trust.proposals import propose_experts
 from serving.trust.querylog import QueryLog

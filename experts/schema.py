@@ -366,7 +366,9 @@ class FineTuneSpec:
 class RouterSpec:
     """The learned N-way router and its decision policy."""
 
-    pipeline: Literal["tfidf", "embed", "combined", "tuned"] = "tfidf"
+    pipeline: str = (
+        "tfidf"  # a name in router.pipelines.PIPELINES (checked where the router is built or loaded)
+    )
     policy: Literal["top1", "mixture", "fallback"] = "fallback"
     fallback_model: str = "base"  # "base" or an expert slug such as "generalist"
     target_accuracy: float = 0.95  # the threshold is chosen on validation for this accuracy

@@ -402,7 +402,7 @@ def load_summary(app: AppConfig) -> dict[str, Any] | None:
 def propose_experts_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
     """`moe propose-experts`: print the proposals, draft their files, write the report."""
     from experts.config import config_dir
-    from router.features import load_encoder
+    from router.encoder import load_encoder
     from serving.trust.querylog import open_query_log
 
     spec = _spec(app)

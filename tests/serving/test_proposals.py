@@ -88,7 +88,7 @@ def test_two_themes_become_two_pure_clusters_and_two_valid_drafts(conf, tmp_path
 
 def _members(tmp_path, truth) -> dict[str, list[str]]:
     """Cluster members as the code assigns them (the JSON keeps only representatives)."""
-    from router.features import load_encoder
+    from router.encoder import load_encoder
     from serving.trust.proposals import propose_experts
 
     app = compose()
