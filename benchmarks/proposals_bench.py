@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 
 from experts.config import compose
-from router.features import load_encoder
+from router.encoder import load_encoder
 from serving.app import running_server
-from serving.proposals import propose_experts
-from serving.querylog import QueryLog
+from serving.trust.proposals import propose_experts
+from serving.trust.querylog import QueryLog
 from tests.serving.proposal_log import COVERED, NOISE, theme_questions
 
 PER_THEME = 24

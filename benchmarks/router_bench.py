@@ -25,7 +25,7 @@ import numpy as np
 from experts.config import compose
 from experts.hardware import machine_report
 from router.calibration import choose_threshold
-from router.features import EmbeddingCache, build_features, load_encoder
+from router.encoder import EmbeddingCache, load_encoder
 from router.metrics import (
     OFF_TOPIC,
     TEST_WINDOWS_PER_SIZE,
@@ -37,6 +37,7 @@ from router.metrics import (
     window_metrics,
 )
 from router.model import BACKGROUND, routable_labels
+from router.pipelines import PIPELINES, build_features
 from router.train import fit_router, router_examples
 
 NN_TOP_K = 5  # semantic-router scores a route by its top-k most similar utterances
@@ -112,7 +113,7 @@ def summarise(name: str, router, tests: dict[int, object], questions, fit_s: flo
 def main(overrides: list[str]) -> dict:
     import torch
 
-    pipelines = ["tfidf", "embed", "combined"]
+    pipelines = [p for p in PIPELINES if p != "tuned"]  # every registered pipeline; tuned on request
     if "--tuned" in overrides:
         overrides = [o for o in overrides if o != "--tuned"]
         pipelines.append("tuned")
@@ -143,16 +144,16 @@ def main(overrides: list[str]) -> dict:
     for pipeline in pipelines:
         t0 = time.perf_counter()
         features = build_features(pipeline, app.router.encoder_package, app.paths.downloads_dir)
-        if pipeline in ("embed", "combined"):  # the tuned pipeline trains and uses its own encoder
-            (features.embed if pipeline == "combined" else features).encoder = cached
+        holder = features.frozen_embed()  # None for the tuned pipeline: it trains its own encoder
+        if holder is not None:
+            holder.encoder = cached
         torch.set_num_threads(2 if pipeline == "tuned" else 1)
         router, _ = fit_router(labels, train, validation, app.router, features)
         torch.set_num_threads(1)
         fit_s = time.perf_counter() - t0
-        holder = features.embed if pipeline == "combined" else features
 
-        def uncached(holder=holder, pipeline=pipeline) -> None:
-            if pipeline in ("embed", "combined"):
+        def uncached(holder=holder) -> None:
+            if holder is not None:
                 holder.encoder = real  # honest latency: no memo in front of the encoder
 
         results.append(summarise(pipeline, router, tests, questions, fit_s, uncached))

@@ -19,7 +19,8 @@ import torch
 
 from experts.config import compose
 from experts.hardware import machine_report
-from router.features import CombinedFeatures, EmbeddingCache, build_features, load_encoder
+from router.encoder import EmbeddingCache, load_encoder
+from router.features import CombinedFeatures
 from router.metrics import (
     TEST_WINDOWS_PER_SIZE,
     TEST_WORDS,
@@ -29,6 +30,7 @@ from router.metrics import (
     window_metrics,
 )
 from router.model import routable_labels
+from router.pipelines import build_features
 from router.train import fit_router, router_examples
 
 EMBED_WEIGHT = "embed_weight="  # not a config key: the combined features' class constant
@@ -55,7 +57,7 @@ def main(settings: list[list[str]]) -> list[dict]:
         train, validation = examples[key]
         CombinedFeatures.EMBED_WEIGHT = weights[0] if weights else default_weight
         features = build_features("combined", spec.encoder_package, sub.paths.downloads_dir)
-        features.embed.encoder = cached
+        features.frozen_embed().encoder = cached
         t0 = time.perf_counter()
         router, _ = fit_router(labels, train, validation, spec, features)
         natural = natural_question_metrics(router, questions)

@@ -15,7 +15,7 @@ import sys
 import time
 
 from experts.config import compose
-from router.evaluation import optional_router
+from router.expert_matrix import optional_router
 from router.task_eval import render_tasks, task_matrix
 
 

@@ -11,9 +11,15 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of a score matrix (n x classes), stable for large scores."""
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a score matrix (n x classes): the router's probabilities."""
+    return np.exp(log_softmax(z))
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -21,7 +27,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     rows = np.arange(len(targets))
 
     def nll(log_t: float) -> float:
-        return float(-_log_softmax(logits / np.exp(log_t))[rows, targets].mean())
+        return float(-log_softmax(logits / np.exp(log_t))[rows, targets].mean())
 
     res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
     return float(np.exp(res.x))

@@ -273,7 +273,7 @@ def background_examples(app: AppConfig, split: str, budget: int, label: str) -> 
 # --------------------------------------------------------------------------------------------
 # Reviewed misroutes (the trust loop)
 # --------------------------------------------------------------------------------------------
-# Written by `moe feedback export` (serving/feedback.py): one JSON object a line,
+# Written by `moe feedback export` (serving/trust/feedback.py): one JSON object a line,
 # {"text", "label", "request_id", "reviewer"}, `label` = the expert the text should have gone to.
 FEEDBACK_FILE = Path("feedback") / "router.jsonl"
 

@@ -1,4 +1,4 @@
-"""Fine-tune the router's sentence encoder on the routing task (router pipeline `tuned`).
+"""The router pipeline `tuned`: the sentence encoder fine-tuned on the routing task, mixed with TF-IDF.
 
 all-MiniLM-L6-v2 is trained end to end with a linear head on its pooled, L2-normalised
 embedding (a cosine classifier, as in `SentenceEncoder.encode`) over the same labelled windows
@@ -21,12 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from experts.config import FineTuneSpec
+from experts.config import FineTuneSpec, PackageRef
+from experts.errors import ArtifactError
+from router.calibration import log_softmax
+from router.encoder import ENCODER_MAX_TOKENS, SentenceEncoder, default_downloads, encoder_dir, encoder_dtype
+from router.features import Features, Head, HeadData, TfidfFeatures, needs_encoder
 
 log = logging.getLogger(__name__)
 
 COSINE_SCALE = 20.0  # logits = scale * cos(embedding, class direction) + bias
 SORT_CHUNK_BATCHES = 50  # batches are cut from length-sorted chunks of this many batches (less padding)
+MIX_GRID = np.round(np.arange(0.0, 1.01, 0.1), 2)  # weights of the tuned encoder tried on validation
 
 
 @dataclass
@@ -47,7 +52,7 @@ def _batches(texts: Sequence[str], batch_size: int, seed: int) -> list[list[int]
     order = list(range(len(texts)))
     rng.shuffle(order)
     chunk = batch_size * SORT_CHUNK_BATCHES
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, len(order), chunk):
         part = sorted(order[start : start + chunk], key=lambda i: len(texts[i]))
         batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
@@ -140,3 +145,150 @@ def fine_tune(
         seconds=round(seconds, 1),
         device=device,
     )
+
+
+def choose_mix(xv: np.ndarray, yv: np.ndarray, experts: int, classes: int) -> float:
+    """Weight of the tuned encoder's log-posterior against TF-IDF's with the best in-domain
+    validation accuracy (ties: the value nearest 0.5)."""
+    inside = yv < experts
+    lexical, semantic = xv[:, :classes], xv[:, classes:]
+    scores = []
+    for mix in MIX_GRID:
+        top = ((1 - mix) * lexical + mix * semantic)[inside, :experts].argmax(1)
+        scores.append((float((top == yv[inside]).mean()), -abs(mix - 0.5), float(mix)))
+    return max(scores)[2]
+
+
+class TunedFeatures(Features):
+    """Two classifiers' log-posteriors side by side: a logistic regression over TF-IDF n-grams
+    and a fine-tuned MiniLM with its own linear head (`router.finetune`). The router's linear
+    layer then mixes the two (a weight chosen on validation), so a saved router is still
+    features + one linear layer. The tuned encoder's weights are saved with the router (float16)."""
+
+    name = "tuned"
+    ENCODER_PREFIX = "tuned.encoder."
+
+    def __init__(self, tfidf: TfidfFeatures, folder: Path, package: PackageRef):
+        self.tfidf = tfidf
+        self.folder = folder
+        self.package = package
+        self.encoder: SentenceEncoder | None = None
+        self._state: dict[str, Any] = {}
+        self._heads: dict[str, np.ndarray] = {}
+        self.tfidf_coef = self.tfidf_intercept = self.head_weight = self.head_bias = np.zeros(0)
+
+    @classmethod
+    def build(cls, encoder_package: PackageRef | None, downloads: Path) -> TunedFeatures:
+        ref = needs_encoder(cls.name, encoder_package)
+        return cls(TfidfFeatures(), encoder_dir(ref, downloads), ref)
+
+    def fit(self, texts: Sequence[str]) -> TunedFeatures:
+        self.tfidf.fit(texts)
+        return self
+
+    def training_features(self, texts: Sequence[str]) -> tuple[Any, np.ndarray | None]:
+        # The logistic regression over TF-IDF is trained first (its own features are the
+        # classifiers' outputs); training embeddings are needed only for the prototypes.
+        return self.tfidf.transform(texts), None
+
+    def fit_head(self, head: Head, data: HeadData) -> Head:
+        """Fine-tune the encoder + its head, install both beside the TF-IDF classifier (`head`),
+        then mix the two log-posteriors with a weight chosen on validation (or `finetune.mix`)."""
+        spec = data.spec
+        classes = len(head.intercept)
+        result = fine_tune(
+            self.folder,
+            data.texts,
+            data.targets,
+            data.weights,
+            classes,
+            spec.finetune,
+            max_tokens=ENCODER_MAX_TOKENS,
+            dtype=encoder_dtype(),
+            seed=spec.seed,
+        )
+        self.set_models(head.coef, head.intercept, result.state, result.head_weight, result.head_bias)
+        xv, embv = self.featurize(data.validation_texts)
+        mix = spec.finetune.mix
+        if mix is None:
+            mix = choose_mix(xv, data.validation_targets, data.experts, classes)
+        eye = np.eye(classes)
+        info = {
+            "finetune_steps": result.steps,
+            "finetune_seconds": result.seconds,
+            "finetune_device": result.device,
+            "mix": mix,
+        }
+        return Head(np.hstack([(1 - mix) * eye, mix * eye]), np.zeros(classes), info, (xv, embv))
+
+    def set_models(
+        self,
+        tfidf_coef: np.ndarray,
+        tfidf_intercept: np.ndarray,
+        state: dict[str, Any],
+        head_weight: np.ndarray,
+        head_bias: np.ndarray,
+    ) -> None:
+        """Install the TF-IDF classifier and the tuned encoder + head (from training or a file)."""
+        self._heads = {
+            "tuned.tfidf.coef": np.asarray(tfidf_coef, dtype=np.float32),
+            "tuned.tfidf.intercept": np.asarray(tfidf_intercept, dtype=np.float32),
+            "tuned.head.weight": np.asarray(head_weight, dtype=np.float32),
+            "tuned.head.bias": np.asarray(head_bias, dtype=np.float32),
+        }
+        # features x classes, for sparse @ dense
+        self.tfidf_coef = np.ascontiguousarray(np.asarray(tfidf_coef, dtype=np.float32).T)
+        self.tfidf_intercept = np.asarray(tfidf_intercept, dtype=np.float32)
+        self.head_weight = np.ascontiguousarray(np.asarray(head_weight, dtype=np.float32).T * COSINE_SCALE)
+        self.head_bias = np.asarray(head_bias, dtype=np.float32)
+        self._state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+        self.encoder = SentenceEncoder(self.folder, state=self._state)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.encoder is None:
+            raise ArtifactError("the tuned router's encoder is not trained yet")
+        return self.encoder.encode(texts)
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        return self.featurize(texts)[0]
+
+    def featurize(self, texts: Sequence[str]) -> tuple[Any, np.ndarray | None]:
+        """[log P_tfidf | log P_encoder] (n x 2 * classes) and the tuned encoder's embeddings."""
+        emb = self.embed(texts)
+        lexical = np.asarray(self.tfidf.transform(texts) @ self.tfidf_coef) + self.tfidf_intercept
+        semantic = emb @ self.head_weight + self.head_bias
+        return np.hstack([log_softmax(lexical), log_softmax(semantic)]).astype(np.float32), emb
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta, arrays = self.tfidf.state()
+        meta["encoder_package"] = self.package.__dict__
+        arrays.update(self._heads)
+        for key, tensor in self._state.items():
+            arrays[self.ENCODER_PREFIX + key] = tensor.detach().float().numpy().astype(np.float16)
+        return meta, arrays
+
+    @classmethod
+    def from_state(
+        cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], downloads: Path | None = None
+    ) -> TunedFeatures:
+        import torch
+
+        ref = PackageRef(**meta["encoder_package"])
+        self = cls(
+            TfidfFeatures.from_state(meta, arrays), encoder_dir(ref, downloads or default_downloads()), ref
+        )
+        state = {
+            k[len(cls.ENCODER_PREFIX) :]: torch.from_numpy(v.astype(np.float32))
+            for k, v in arrays.items()
+            if k.startswith(cls.ENCODER_PREFIX)
+        }
+        if not state:
+            raise ArtifactError("the tuned router file has no encoder weights; run `moe train-router`")
+        self.set_models(
+            arrays["tuned.tfidf.coef"],
+            arrays["tuned.tfidf.intercept"],
+            state,
+            arrays["tuned.head.weight"],
+            arrays["tuned.head.bias"],
+        )
+        return self

@@ -23,17 +23,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from experts.config import AppConfig, PackageRef, PathsSpec
+from experts.config import AppConfig
 from experts.errors import ArtifactError, ConfigError
-from router.features import (
-    CombinedFeatures,
-    EmbedFeatures,
-    Features,
-    TfidfFeatures,
-    TunedFeatures,
-    featurize,
-    load_encoder,
-)
+from router.calibration import softmax
+from router.features import Features
+from router.pipelines import check_pipeline, features_from_state
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +62,6 @@ class RoutingDecision:
         """The caller named the expert itself; the router's view is kept for logging."""
         probs = dict(probabilities or {})
         return cls(expert, {expert: 1.0}, float(probs.get(expert, 1.0)), "forced", probs)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class Router:
@@ -162,8 +150,8 @@ class Router:
     def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities over all classes and each text's nearest-prototype similarity."""
         texts = [str(t) for t in texts]
-        x, emb = featurize(self.features, texts)
-        probs = _softmax(self.logits(x) / self.temperature)
+        x, emb = self.features.featurize(texts)
+        probs = softmax(self.logits(x) / self.temperature)
         similarity = np.ones(len(texts), dtype=np.float32) if emb is None else self.nearest_similarity(emb)
         return probs, similarity
 
@@ -328,7 +316,7 @@ class Router:
                 f"router was trained for {sorted(labels)} but config has {sorted(expected_labels)}; "
                 "run `moe train-router`"
             )
-        features = _features_from_state(meta["pipeline"], meta["features"], arrays, downloads)
+        features = features_from_state(meta["pipeline"], meta["features"], arrays, downloads)
         prototypes = arrays.get("distance.prototypes")
         return cls(
             labels,
@@ -346,23 +334,6 @@ class Router:
             min_similarity=meta["min_similarity"],
             info=meta.get("info", {}),
         )
-
-
-def _features_from_state(
-    pipeline: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], downloads: Path | None
-) -> Features:
-    if pipeline == "tfidf":
-        return TfidfFeatures.from_state(meta, arrays)
-    if pipeline not in ("embed", "combined", "tuned"):
-        raise ArtifactError(f"router pipeline {pipeline!r} is unknown; run `moe train-router`")
-    ref = PackageRef(**meta["encoder_package"])
-    downloads = downloads or PathsSpec(cache=os.environ.get("MOE_CACHE", PathsSpec.cache)).downloads_dir
-    if pipeline == "tuned":
-        return TunedFeatures.from_state(meta, arrays, ref, downloads)
-    embed = EmbedFeatures(load_encoder(ref, downloads), ref)
-    if pipeline == "embed":
-        return embed
-    return CombinedFeatures(TfidfFeatures.from_state(meta, arrays), embed)
 
 
 def router_dir(app: AppConfig) -> Path:
@@ -387,6 +358,7 @@ def load_router(app: AppConfig, strict: bool = True) -> Router:
             f"router.fallback_model {fallback!r} is neither 'base' nor a configured expert; "
             f"available: {['base', *sorted(app.expert_names())]}"
         )
+    check_pipeline(app.router.pipeline)
     labels = routable_labels(app) if strict else None
     router = Router.load(router_dir(app), labels, downloads=app.paths.downloads_dir)
     if router.pipeline != app.router.pipeline:

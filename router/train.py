@@ -24,23 +24,12 @@ from tqdm.auto import tqdm
 
 from experts.config import AppConfig, RouterSpec
 from experts.errors import ConfigError
-from router.calibration import choose_threshold, expected_calibration_error, fit_temperature
+from router.calibration import choose_threshold, expected_calibration_error, fit_temperature, softmax
 from router.data import Examples, background_examples, expert_examples, feedback_examples, feedback_path
-from router.features import (
-    ENCODER_MAX_TOKENS,
-    CombinedFeatures,
-    EmbeddingCache,
-    EmbedFeatures,
-    Features,
-    SentenceEncoder,
-    TunedFeatures,
-    build_features,
-    embedding_cache_file,
-    encoder_dtype,
-    featurize,
-)
-from router.finetune import fine_tune
+from router.encoder import EmbeddingCache, SentenceEncoder, embedding_cache_file
+from router.features import Features, Head, HeadData
 from router.model import BACKGROUND, Router, routable_labels, router_dir
+from router.pipelines import build_features
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +66,6 @@ def _logistic(x: Any, y: np.ndarray, weights: np.ndarray, c: float) -> tuple[np.
     if coef.shape[0] == 1:  # binary: one score z; softmax over (-z/2, z/2) gives sigmoid(z)
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
     return coef, intercept
-
-
-MIX_GRID = np.round(np.arange(0.0, 1.01, 0.1), 2)
-
-
-def _choose_mix(xv: np.ndarray, yv: np.ndarray, experts: int, classes: int) -> float:
-    """Weight of the tuned encoder's log-posterior against TF-IDF's with the best in-domain
-    validation accuracy (ties: the value nearest 0.5)."""
-    inside = yv < experts
-    lexical, semantic = xv[:, :classes], xv[:, classes:]
-    scores = []
-    for mix in MIX_GRID:
-        top = ((1 - mix) * lexical + mix * semantic)[inside, :experts].argmax(1)
-        scores.append((float((top == yv[inside]).mean()), -abs(mix - 0.5), float(mix)))
-    return max(scores)[2]
 
 
 def purify_background(x: Any, targets: np.ndarray, background: int, extra: float = 0.0) -> np.ndarray:
@@ -151,51 +125,28 @@ def fit_router(
     stage()
     y = _targets(classes, train.labels)
     weights = np.asarray(train.weights, dtype=np.float64)  # feedback rows weigh more than a window
-    tuned = isinstance(features, TunedFeatures)
-    # The tuned pipeline's own features are its classifiers' outputs: they are trained on TF-IDF
-    # (purified against it) first; its training embeddings are needed only for the prototypes.
-    x, emb = (features.tfidf.transform(train.texts), None) if tuned else featurize(features, train.texts)
+    x, emb = features.training_features(train.texts)
     stage()
     fit_rows = (
         purify_background(x, y, len(labels), spec.background_purify)
         if background
         else np.ones(len(y), dtype=bool)
     )
+    rows = np.flatnonzero(fit_rows)
+    yv = _targets(classes, validation.labels)
     coef, intercept = _logistic(x[fit_rows], y[fit_rows], weights[fit_rows], spec.c)
-    finetune_info: dict[str, Any] = {}
-    if tuned:
-        rows = np.flatnonzero(fit_rows)
-        result = fine_tune(
-            features.folder,
-            [train.texts[i] for i in rows],
-            y[rows],
-            weights[rows],
-            len(classes),
-            spec.finetune,
-            max_tokens=ENCODER_MAX_TOKENS,
-            dtype=encoder_dtype(),
-            seed=spec.seed,
-        )
-        features.set_models(coef, intercept, result.state, result.head_weight, result.head_bias)
-        finetune_info = {
-            "finetune_steps": result.steps,
-            "finetune_seconds": result.seconds,
-            "finetune_device": result.device,
-        }
-        stage()
-        xv, embv = featurize(features, validation.texts)
-        stage()
-        mix = spec.finetune.mix
-        if mix is None:
-            mix = _choose_mix(xv, _targets(classes, validation.labels), len(labels), len(classes))
-        eye = np.eye(len(classes))
-        coef, intercept = np.hstack([(1 - mix) * eye, mix * eye]), np.zeros(len(classes))
-        finetune_info["mix"] = mix
+    head = features.fit_head(
+        Head(coef, intercept),
+        HeadData(
+            [train.texts[i] for i in rows], y[rows], weights[rows], validation.texts, yv, len(labels), spec
+        ),
+    )
+    stage()
     router = Router(
         labels,
         features,
-        coef,
-        intercept,
+        head.coef,
+        head.intercept,
         background=background,
         policy=spec.policy,
         fallback_model=spec.fallback_model,
@@ -205,17 +156,12 @@ def fit_router(
     fit_s = time.perf_counter() - started
 
     # --- calibration on validation windows -------------------------------------------------
-    if not tuned:
-        stage()
-        xv, embv = featurize(features, validation.texts)
-        stage()
+    xv, embv = head.validation or features.featurize(validation.texts)
+    stage()
     logits = router.logits(xv)
-    yv = _targets(classes, validation.labels)
-    raw_probs = np.exp(logits - logits.max(1, keepdims=True))
-    raw_probs /= raw_probs.sum(1, keepdims=True)
+    raw_probs = softmax(logits)
     router.temperature = fit_temperature(logits, yv)
-    probs = np.exp(logits / router.temperature - (logits / router.temperature).max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    probs = softmax(logits / router.temperature)
 
     in_domain = yv < len(labels)
     words = np.array([len(t.split()) for t in validation.texts])
@@ -264,7 +210,7 @@ def fit_router(
         if background
         else None,
         "fit_seconds": round(fit_s, 1),
-        **finetune_info,
+        **head.info,
     }
     log.info(
         "router %s: top-1 %.3f, threshold %.3f (coverage %.3f at accuracy %s), T %.2f, ECE %.3f -> %.3f",
@@ -295,16 +241,10 @@ def router_examples(app: AppConfig, labels: Sequence[str]) -> tuple[Examples, Ex
     return train, validation
 
 
-def _frozen_embed(features: Features) -> EmbedFeatures | None:
-    """The frozen-encoder part of a pipeline (`embed`, `combined`), else None."""
-    embed = features.embed if isinstance(features, CombinedFeatures) else features
-    return embed if isinstance(embed, EmbedFeatures) else None
-
-
 def _cache_embeddings(app: AppConfig, features: Features) -> EmbeddingCache | None:
     """Put an on-disk embedding cache in front of a frozen encoder (pipelines `embed`, `combined`);
     the tuned pipeline trains its encoder, so its vectors are never cached."""
-    embed = _frozen_embed(features)
+    embed = features.frozen_embed()
     if embed is None or app.router.encoder_package is None:
         return None
     encoder = embed.encoder
@@ -319,7 +259,7 @@ def _cache_embeddings(app: AppConfig, features: Features) -> EmbeddingCache | No
 
 
 def _uncache(features: Features, cache: EmbeddingCache) -> None:
-    embed = _frozen_embed(features)
+    embed = features.frozen_embed()
     if embed is not None:
         embed.encoder = cache.encoder
 

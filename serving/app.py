@@ -31,7 +31,7 @@ from serving.api import AUTO, api_keys
 from serving.catalogue import check_retrieval, served_experts
 from serving.ingress import Ingress
 from serving.pool import ExpertPoolDeployment
-from serving.querylog import query_log_url
+from serving.trust.querylog import query_log_url
 
 log = logging.getLogger("serving")
 APP_NAME = "moe"

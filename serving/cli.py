@@ -64,7 +64,7 @@ COMMANDS: dict[str, Command] = {
         positional=True,
     ),
     "eval": Command(
-        "router.evaluation:eval_command",
+        "router.expert_matrix:eval_command",
         "Evaluate base, generalist, experts, routed and mixture: perplexity, domain tasks, the router.",
         "moe eval [router=...] [train.task_items=32]",
         "Writes artifacts/reports/eval.json, eval.md and PNG plots: perplexity per domain, then the task\n"
@@ -108,7 +108,7 @@ COMMANDS: dict[str, Command] = {
         "file says serving.retrieval: true (serving.retrieval_top_k passages per prompt).",
     ),
     "review": Command(
-        "serving.review:review_command",
+        "serving.trust.review:review_command",
         "Review logged answers: accept, reject, correct or mark misrouted (lowest confidence first).",
         "moe review [--reviewer=NAME] [--limit=N] [--seed=N] [--list]",
         "Keys per request: a accept, r reject, c correct (then the answer), m misrouted (then the\n"
@@ -117,19 +117,19 @@ COMMANDS: dict[str, Command] = {
         positional=True,
     ),
     "feedback": Command(
-        "serving.feedback:feedback_command",
+        "serving.trust.feedback:feedback_command",
         "Export reviews as training data: corrections per expert, misroutes for the router.",
         "moe feedback export",
         "Writes artifacts/feedback/<slug>.jsonl (train.include_feedback=true) and router.jsonl.",
         positional=True,
     ),
     "stats": Command(
-        "serving.stats:stats_command",
+        "serving.trust.stats:stats_command",
         "Per-expert volume, acceptance, misroute and fallback rates, latency percentiles.",
         "moe stats [serve.log_db=...]",
     ),
     "propose-experts": Command(
-        "serving.proposals:propose_experts_command",
+        "serving.trust.proposals:propose_experts_command",
         "Cluster the questions no expert covered and draft an expert file per cluster.",
         "moe propose-experts [proposals.min_queries=5] [proposals.max_confidence=0.5] "
         "[proposals.since_hours=24]",

@@ -48,9 +48,9 @@ from serving.catalogue import build_catalogue, load_router_or_reason, reload_cat
 from serving.engine import Delta, GenerationRequest
 from serving.openai_format import completion, error_type, events, meta, routing, usage
 from serving.pipeline import Completion, CompletionPipeline
-from serving.proposals import load_summary
-from serving.querylog import QueryLog
-from serving.review import review_router
+from serving.trust.proposals import load_summary
+from serving.trust.querylog import QueryLog
+from serving.trust.review import review_router
 
 log = logging.getLogger("serving")
 

@@ -23,7 +23,7 @@ from experts.errors import UnknownExpertError
 from serving.api import AUTO, ChatCompletionRequest, CompletionRequest, RequestError, UnavailableError
 from serving.catalogue import Catalogue, served_experts
 from serving.engine import Delta, GenerationRequest, SamplingParams
-from serving.querylog import QueryEntry
+from serving.trust.querylog import QueryEntry
 
 if TYPE_CHECKING:
     from router.model import RoutingDecision

@@ -12,7 +12,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import write_toy_folder
-from tests.router.test_evaluation import COOKING
+from tests.router.test_expert_matrix import COOKING
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

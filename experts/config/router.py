@@ -47,7 +47,9 @@ class RouterSpec:
     conf/router/ change what they need.
     """
 
-    pipeline: Literal["tfidf", "embed", "combined", "tuned"] = "tuned"
+    pipeline: str = (
+        "tuned"  # a name in router.pipelines.PIPELINES (checked where the router is built or loaded)
+    )
     policy: Literal["top1", "mixture", "fallback"] = "fallback"
     fallback_model: str = "base"  # "base" or an expert slug such as "generalist"
     # The threshold is chosen on validation windows (4-128 words) for this accuracy, saved with the router.

@@ -38,7 +38,7 @@ def test_training_and_router_dtypes_follow_the_probe(monkeypatch, cpu, expected)
 
     import experts.hardware as hardware
     from experts.base_model import pick_dtype
-    from router.features import encoder_dtype
+    from router.encoder import encoder_dtype
 
     monkeypatch.setattr(hardware, "cpu_info", lambda: parse_cpuinfo(cpu, {}))
     assert pick_dtype("auto", "cpu") == getattr(torch, expected)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from experts.config import compose
-from router.features import EmbeddingCache, SentenceEncoder, build_features, embedding_cache_file, encoder_dir
+from router.encoder import EmbeddingCache, SentenceEncoder, embedding_cache_file, encoder_dir
+from router.pipelines import build_features
 from router.train import EMBEDDING_CACHE_DIR, _cache_embeddings, _uncache
 
 TEXTS = ["How do I list files in a directory?", "What is the dose of insulin?", "Can I sublicense MIT code?"]
@@ -72,7 +73,7 @@ def test_training_caches_only_a_frozen_encoder(pipeline, tmp_path):
     if pipeline in ("tfidf", "tuned"):  # no encoder, or one that training changes
         assert cache is None
         return
-    embed = features.embed if pipeline == "combined" else features
+    embed = features.frozen_embed()
     assert embed.encoder is cache and cache.path.parent == tmp_path / EMBEDDING_CACHE_DIR
     _uncache(features, cache)
     assert isinstance(embed.encoder, SentenceEncoder)

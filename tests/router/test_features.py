@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from experts.config import compose
-from router.features import CombinedFeatures, SentenceEncoder, TfidfFeatures, encoder_dir
+from router.encoder import SentenceEncoder, encoder_dir
+from router.features import CombinedFeatures, TfidfFeatures
 
 from .conftest import make_examples
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from experts.config import FineTuneSpec, compose
-from router.features import ENCODER_MAX_TOKENS, SentenceEncoder, TunedFeatures, build_features
-from router.finetune import COSINE_SCALE, fine_tune
+from router.encoder import ENCODER_MAX_TOKENS, SentenceEncoder
+from router.finetune import COSINE_SCALE, TunedFeatures, fine_tune
 from router.model import Router
+from router.pipelines import build_features
 from router.train import fit_router
 
 from .conftest import LABELS, make_examples

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from serving.querylog import QueryLog
+from serving.trust.querylog import QueryLog
 
 # Each theme: question templates x subjects, so no two questions are the same text.
 THEMES: dict[str, tuple[list[str], list[str]]] = {

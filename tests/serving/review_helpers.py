@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from serving.querylog import QueryLog
+from serving.trust.querylog import QueryLog
 
 EXPERTS = ["biomedical", "legal", "unix_man"]
 # (request_id, prompt, expert, confidence, decision, output, latency_s)
@@ -52,7 +52,7 @@ def serve_review(log: QueryLog) -> Iterator[str]:
     import uvicorn
     from fastapi import FastAPI
 
-    from serving.review import review_router
+    from serving.trust.review import review_router
 
     app = FastAPI()
     app.include_router(review_router(lambda: log, EXPERTS))  # the lazy form a Ray replica uses

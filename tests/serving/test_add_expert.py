@@ -17,7 +17,7 @@ import pytest
 from experts.config import compose
 from serving.manage import add_expert
 from tests.conftest import write_toy_folder
-from tests.router.test_evaluation import COOKING
+from tests.router.test_expert_matrix import COOKING
 
 GARDEN = [
     "compost",

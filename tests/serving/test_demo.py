@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.conftest import run_moe, write_toy_folder
-from tests.router.test_evaluation import COOKING
+from tests.router.test_expert_matrix import COOKING
 
 pytestmark = [pytest.mark.serve, pytest.mark.integration, pytest.mark.slow]
 PORT = 8163

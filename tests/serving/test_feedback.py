@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from serving.feedback import export_feedback
-from serving.querylog import QueryLog
-from serving.stats import compute_stats, format_table
+from serving.trust.feedback import export_feedback
+from serving.trust.querylog import QueryLog
+from serving.trust.stats import compute_stats, format_table
 from tests.serving.review_helpers import fill_log
 
 

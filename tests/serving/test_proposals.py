@@ -10,8 +10,8 @@ import pytest
 
 from experts.config import compose, config_dir, load_expert_file
 from experts.errors import ConfigError
-from serving.proposals import PROPOSED_SUFFIX, Cluster, draft_text, load_summary
-from serving.querylog import QueryLog
+from serving.trust.proposals import PROPOSED_SUFFIX, Cluster, draft_text, load_summary
+from serving.trust.querylog import QueryLog
 from tests.serving.proposal_log import seed_covered_only, seed_log
 
 
@@ -36,7 +36,7 @@ def _drafts(conf) -> dict[str, str]:
 def test_two_themes_become_two_pure_clusters_and_two_valid_drafts(conf, tmp_path, capsys):
     from serving.cli import main
     from serving.manage import accept_draft, validate_new_expert
-    from serving.stats import format_clusters
+    from serving.trust.stats import format_clusters
 
     with _log(tmp_path) as log:
         truth = seed_log(log, per_theme=16)
@@ -88,8 +88,8 @@ def test_two_themes_become_two_pure_clusters_and_two_valid_drafts(conf, tmp_path
 
 def _members(tmp_path, truth) -> dict[str, list[str]]:
     """Cluster members as the code assigns them (the JSON keeps only representatives)."""
-    from router.features import load_encoder
-    from serving.proposals import propose_experts
+    from router.encoder import load_encoder
+    from serving.trust.proposals import propose_experts
 
     app = compose()
     encoder = load_encoder(app.router.encoder_package, app.paths.downloads_dir)
@@ -156,7 +156,7 @@ def test_review_api_serves_the_clusters(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from serving.review import review_router
+    from serving.trust.review import review_router
 
     summary = {"created": 1.0, "requests": 9, "uncovered": 6, "noise": 1, "clusters": [{"slug": "bees"}]}
     app = FastAPI()
@@ -167,7 +167,7 @@ def test_review_api_serves_the_clusters(tmp_path):
 
 
 def test_the_window_and_the_confidence_bar_pick_the_uncovered_questions(conf, tmp_path):
-    from serving.proposals import load_questions
+    from serving.trust.proposals import load_questions
 
     now = 1_800_000_000.0
     with _log(tmp_path) as log:

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from experts.errors import ConfigError
-from serving.querylog import QueryEntry, QueryLog, ReviewError
+from serving.trust.querylog import QueryEntry, QueryLog, ReviewError
 
 
 def test_wal_and_rows_survive_a_reopen(tmp_path):
@@ -56,7 +56,7 @@ def test_committed_rows_survive_a_killed_process(tmp_path):
 
     path = tmp_path / "q.sqlite"
     code = (
-        "import os; from serving.querylog import QueryLog\n"
+        "import os; from serving.trust.querylog import QueryLog\n"
         f"log = QueryLog({str(path)!r}, batch_size=4)\n"
         "[log.record({'prompt': f'p{i}'}) for i in range(10)]\n"
         "assert log.flush()\n"

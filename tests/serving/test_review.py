@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
-from serving.querylog import QueryLog
-from serving.review import review_loop
+from serving.trust.querylog import QueryLog
+from serving.trust.review import review_loop
 from tests.serving.review_helpers import EXPERTS, fill_log, serve_review
 
 
@@ -92,7 +92,7 @@ def test_review_router_takes_the_log_itself(log):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from serving.review import review_router
+    from serving.trust.review import review_router
 
     app = FastAPI()
     app.include_router(review_router(log, EXPERTS, prefix="/admin/review"))

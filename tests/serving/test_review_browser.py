@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.querylog import QueryLog
+from serving.trust.querylog import QueryLog
 from tests.serving.review_helpers import fill_log, serve_review
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import TOY_WORDS, write_toy_folder
-from tests.router.test_evaluation import COOKING
+from tests.router.test_expert_matrix import COOKING
 from tests.serving.test_review_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.serve, pytest.mark.integration, pytest.mark.slow]
@@ -93,7 +93,7 @@ def _chat(url: str, model: str, text: str, **extra) -> httpx.Response:
 
 def _rows(app, want: set[str], timeout: float = 30.0) -> dict[str, dict]:
     """The log rows of the request ids `want` (the writer thread commits them shortly after)."""
-    from serving.querylog import open_query_log
+    from serving.trust.querylog import open_query_log
 
     deadline = time.monotonic() + timeout
     with open_query_log(app) as log:
@@ -268,7 +268,7 @@ def test_review_in_the_browser_then_retraining_fixes_the_misroute(loop, tmp_path
 
 def test_the_review_api_serves_the_last_fallback_clusters(loop):
     """What `moe propose-experts` wrote last (artifacts/reports/proposals.json) reaches /review."""
-    from serving.proposals import REPORT_NAME
+    from serving.trust.proposals import REPORT_NAME
 
     url, app = loop["root"], loop["app"]
     path = app.paths.reports_dir / f"{REPORT_NAME}.json"

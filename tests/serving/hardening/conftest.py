@@ -68,7 +68,7 @@ def assert_openai_error(response: httpx.Response, status: int | None = None) -> 
 def logged_rows(endpoint: Endpoint, request_ids: list[str], timeout_s: float = 30) -> dict[str, dict]:
     """The query-log rows of `request_ids`, once every one of them is written (the ingress writes
     them on a background thread) or `timeout_s` passed: request id -> row."""
-    from serving.querylog import QueryLog, query_log_url
+    from serving.trust.querylog import QueryLog, query_log_url
 
     wanted = set(request_ids)
     deadline = time.monotonic() + timeout_s

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, Field
 
-from serving.querylog import VERDICTS, QueryLog, ReviewError, open_query_log
+from serving.trust.querylog import VERDICTS, QueryLog, ReviewError, open_query_log
 
 
 class ReviewIn(BaseModel):
@@ -37,8 +37,8 @@ class ReviewIn(BaseModel):
 
 
 def review_page() -> str:
-    """The page's HTML (a package resource: serving/static/review.html)."""
-    return resources.files("serving").joinpath("static/review.html").read_text(encoding="utf-8")
+    """The page's HTML (a package resource: serving/trust/static/review.html)."""
+    return resources.files("serving.trust").joinpath("static/review.html").read_text(encoding="utf-8")
 
 
 def _card(row: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.proposals import load_summary
-from serving.querylog import QueryLog, open_query_log
+from serving.trust.proposals import load_summary
+from serving.trust.querylog import QueryLog, open_query_log
 
 COLUMNS = (
     "expert",

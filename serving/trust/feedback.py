@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from experts.errors import ConfigError
-from serving.querylog import QueryLog, open_query_log
+from serving.trust.querylog import QueryLog, open_query_log
 
 ROUTER_FILE = "router.jsonl"
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from experts.config import RESERVED_SLUGS, SLUG_RE, AppConfig, ProposalSpec
 from experts.errors import ConfigError, MoeError
-from serving.querylog import QueryLog
+from serving.trust.querylog import QueryLog
 
 PROPOSED_SUFFIX = ".yaml.proposed"
 REPORT_NAME = "proposals"  # artifacts/reports/proposals.{md,json,png}
@@ -402,8 +402,8 @@ def load_summary(app: AppConfig) -> dict[str, Any] | None:
 def propose_experts_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
     """`moe propose-experts`: print the proposals, draft their files, write the report."""
     from experts.config import config_dir
-    from router.features import load_encoder
-    from serving.querylog import open_query_log
+    from router.encoder import load_encoder
+    from serving.trust.querylog import open_query_log
 
     spec = _spec(app)
     if app.router.encoder_package is None:

@@ -1,0 +1,1 @@
+"""The trust loop: the query log, human review, feedback export, `moe stats` and proposed experts."""
