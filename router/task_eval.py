@@ -3,8 +3,8 @@
 Per domain, on items built from the TEST split only (experts/data/tasks.py, the builders that make
 the training instructions from the train split):
   (a) multiple-choice accuracy: 4 options (the document's own answer and three from other test
-      documents of the domain), scored by the mean log-likelihood per token of each option as the
-      answer in the chat format the endpoint uses;
+      documents of the domain), each scored as the answer in the chat format the endpoint uses, by
+      CHOICE_RULE (the other rules of CHOICE_RULES are reported beside it, point values only);
   (b) answer loss: the per-token loss (nats) of each question's reference answer, same format.
 Rows: the base model, the generalist, the domain's own expert, `routed` (the router's top-1 on the
 question) and `mixture` (its posterior-weighted top-k), with 95% bootstrap intervals over items and
@@ -37,6 +37,7 @@ BOOTSTRAP = 1000  # resamples of the items for each interval
 OWN = "own expert"
 CARD_BEGIN, CARD_END = "<!-- moe-eval task scores -->", "<!-- /moe-eval task scores -->"
 Model = str | dict[str, float]  # one adapter for every row, or a mixture's weights
+Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a row's mc scores, qa scores, mc priors
 
 
 def load_general_instructions(path: Path | None = None) -> list[dict[str, str]]:
@@ -87,11 +88,80 @@ def _scorer(
     return score
 
 
-def choice_correct(scores: torch.Tensor, choices: Sequence[Choice]) -> torch.Tensor:
-    """1.0 where the option with the highest mean log-likelihood per token is the keyed one."""
+# How an option's log-likelihood becomes its score. "mean" (per token) let options the model finds
+# likely anywhere win: on the politics items a famous name ("Barack Obama": after "Barack" the rest
+# is near-certain) took 12 of 32 answers and accuracy fell below chance (docs/benchmarks.md, Tasks).
+#   sum        log P(option | question), summed over its tokens (favours short options)
+#   mean       the same per token
+#   per_char   the same per UTF-8 byte of the option (lm-evaluation-harness's acc_norm)
+#   calibrated log P(option | question) - log P(option | the question's instruction alone): what the
+#              passage adds, the option's prior cancelled (domain-conditional PMI, Holtzman et al. 2021)
+CHOICE_RULES = ("sum", "mean", "per_char", "calibrated")
+CHOICE_RULE = "calibrated"
+NEUTRAL_QUESTION = "Answer:"  # the prior's prompt for a question with no passage to take away
+
+
+def neutral_question(question: str) -> str:
+    """The question without its passage: the instruction line before the first blank line."""
+    head, sep, _ = question.partition("\n\n")
+    return head.strip() if sep and head.strip() else NEUTRAL_QUESTION
+
+
+def choice_correct(
+    scores: torch.Tensor,
+    choices: Sequence[Choice],
+    rule: str = CHOICE_RULE,
+    prior: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """1.0 where the option scoring highest by `rule` is the keyed one.
+
+    `scores`: [items * options, 2] (summed log-probability, tokens) of each option after its
+    question; `prior`: the same after `neutral_question` (needed by "calibrated")."""
     n = len(choices)
-    mean = (scores[:, 0] / scores[:, 1].clamp(min=1)).view(n, -1)
-    return (mean.argmax(dim=1) == torch.tensor([c.answer for c in choices])).float()
+    total, tokens = scores[:, 0].view(n, -1), scores[:, 1].view(n, -1).clamp(min=1)
+    if rule == "sum":
+        value = total
+    elif rule == "mean":
+        value = total / tokens
+    elif rule == "per_char":
+        size = torch.tensor([[len(o.encode()) for o in c.options] for c in choices], dtype=torch.float)
+        value = total / size.clamp(min=1)
+    elif rule == "calibrated":
+        if prior is None:
+            raise ValueError("the calibrated rule needs the options' scores after the neutral question")
+        value = total - prior[:, 0].view(n, -1)
+    else:
+        raise ValueError(f"unknown multiple-choice rule {rule!r}; choose one of {list(CHOICE_RULES)}")
+    return (value.argmax(dim=1) == torch.tensor([c.answer for c in choices])).float()
+
+
+def _model_key(model: Model) -> str:
+    return model if isinstance(model, str) else repr(sorted(model.items()))
+
+
+def choice_priors(
+    score: Callable[..., torch.Tensor],
+    tok: Any,
+    system: str,
+    choices: Sequence[Choice],
+    models: Sequence[Model],
+) -> torch.Tensor:
+    """Each option's score after its item's `neutral_question`, under that item's model -> [items *
+    options, 2]. Items share instructions and options, so each distinct triple is scored once."""
+    model_of = {_model_key(m): m for m in models}
+    keys = [
+        (_model_key(m), neutral_question(c.question), o)
+        for c, m in zip(choices, models, strict=True)
+        for o in c.options
+    ]
+    unique = list(dict.fromkeys(keys))
+    if not unique:
+        return torch.zeros(0, 2)
+    scored = score(
+        _example_rows(tok, system, [(q, o) for _, q, o in unique]), [model_of[k[0]] for k in unique]
+    )
+    at = {k: i for i, k in enumerate(unique)}
+    return scored[[at[k] for k in keys]]
 
 
 def _resamples(n: int, seed: int) -> torch.Tensor:
@@ -126,9 +196,14 @@ def _example_rows(
 
 
 def task_matrix(
-    app: AppConfig, router: Any | None, pool: ExpertPool | None = None, progress: bool = True
+    app: AppConfig,
+    router: Any | None,
+    pool: ExpertPool | None = None,
+    progress: bool = True,
+    answers: bool = True,
 ) -> dict[str, Any]:
-    """Multiple-choice accuracy and answer loss per domain and model, and the forgetting check."""
+    """Multiple-choice accuracy and answer loss per domain and model, and the forgetting check.
+    answers=False: multiple choice only (no answer loss, no forgetting check), a quicker look."""
     domains = [e for e in app.experts if e.routable]
     trained = [
         e.name for e in app.experts if (adapter_dir(e, app.paths) / "adapter_model.safetensors").exists()
@@ -140,6 +215,7 @@ def task_matrix(
     score = _scorer(pool, app.train.batch_size)
     tok = pool.tokenizer
     accuracy: dict[str, dict[str, Any]] = {}
+    by_rule: dict[str, dict[str, dict[str, float]]] = {rule: {} for rule in CHOICE_RULES}
     loss: dict[str, dict[str, Any]] = {}
     claims: dict[str, Any] = {}
     items: dict[str, dict[str, int]] = {}
@@ -147,6 +223,7 @@ def task_matrix(
     bar = tqdm(total=len(domains) * rows_per_domain + 1, desc="eval tasks", disable=not progress)
     for seed, spec in enumerate(domains):
         choices, tasks = domain_items(spec, app)
+        tasks = tasks if answers else []
         system = spec.generation.system_prompt
         mc = _example_rows(tok, system, [(c.question, o) for c in choices for o in c.options])
         qa = _example_rows(tok, system, [(t.prompt, t.response) for t in tasks])
@@ -154,13 +231,17 @@ def task_matrix(
         fixed = {BASE: BASE, OWN: spec.name}
         if "generalist" in pool.adapters:
             fixed["generalist"] = "generalist"
-        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (mc scores, qa scores)
+        cache: dict[str, Scores] = {}  # adapter -> (mc scores, qa scores, mc priors)
         for adapter in dict.fromkeys(fixed.values()):
-            cache[adapter] = (score(mc, [adapter] * len(mc)), score(qa, [adapter] * len(qa)))
+            cache[adapter] = (
+                score(mc, [adapter] * len(mc)),
+                score(qa, [adapter] * len(qa)),
+                choice_priors(score, tok, system, choices, [adapter] * len(choices)),
+            )
             bar.update(1)
         results = {row: cache[adapter] for row, adapter in fixed.items()}
         if router is not None:
-            results["routed"] = _routed(router, score, cache, choices, tasks, mc, qa)
+            results["routed"] = _routed(router, score, cache, choices, tasks, mc, qa, (tok, system))
             bar.update(1)
             mix_c, mix_t = (
                 router.mixture_weights([c.question for c in choices]),
@@ -171,12 +252,16 @@ def task_matrix(
                 if choices
                 else torch.zeros(0, 2),
                 score(qa, mix_t) if tasks else torch.zeros(0, 2),
+                choice_priors(score, tok, system, choices, mix_c),
             )
         per_item: dict[str, torch.Tensor] = {}
-        for row, (mc_scores, qa_scores) in results.items():
-            per_item[row] = choice_correct(mc_scores, choices) if choices else torch.zeros(0)
+        for row, (mc_scores, qa_scores, priors) in results.items():
+            per_item[row] = choice_correct(mc_scores, choices, prior=priors) if choices else torch.zeros(0)
             if choices:
                 accuracy.setdefault(row, {})[spec.name] = interval(per_item[row], seed=seed)
+                for rule in CHOICE_RULES:
+                    right = choice_correct(mc_scores, choices, rule, priors)
+                    by_rule[rule].setdefault(row, {})[spec.name] = round(float(right.mean()), 4)
             if tasks:
                 loss.setdefault(row, {})[spec.name] = _row_stats("loss", qa_scores, seed)
         if choices:
@@ -188,13 +273,15 @@ def task_matrix(
         bar.update(
             rows_per_domain - len(cache) - (1 if router is not None else 0)
         )  # mixture, or rows not run
-    general = _general(app, pool, score, tok)
+    general = _general(app, pool, score, tok) if answers else {}
     bar.update(1)
     bar.close()
     return {
         "domains": [d.name for d in domains],
         "items": items,
+        "choice_rule": CHOICE_RULE,
         "choice_accuracy": accuracy,
+        "choice_accuracy_by_rule": by_rule,
         "answer_loss": loss,
         "claims": claims,
         "general": general,
@@ -204,13 +291,15 @@ def task_matrix(
 def _routed(
     router: Any,
     score: Callable[..., torch.Tensor],
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cache: dict[str, Scores],
     choices: Sequence[Choice],
     tasks: Sequence[Task],
     mc: Sequence[tuple[list[int], list[int]]],
     qa: Sequence[tuple[list[int], list[int]]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each question answered by the router's top-1 expert; scores reused where already computed."""
+    chat: tuple[Any, str],
+) -> Scores:
+    """Each question answered by the router's top-1 expert; scores reused where already computed.
+    `chat`: (tokenizer, system prompt) for the options' priors."""
     width = len(choices[0].options) if choices else 0
     picks_c = [d.expert for d in router.decide([c.question for c in choices], policy="top1")]
     picks_t = [d.expert for d in router.decide([t.prompt for t in tasks], policy="top1")]
@@ -225,10 +314,9 @@ def _routed(
                 out[i] = cache[p][part][i]
         return out
 
-    return (
-        assemble(mc, [p for p in picks_c for _ in range(width)], 0),
-        assemble(qa, picks_t, 1),
-    )
+    neutral = _example_rows(*chat, [(neutral_question(c.question), o) for c in choices for o in c.options])
+    per_option = [p for p in picks_c for _ in range(width)]
+    return assemble(mc, per_option, 0), assemble(qa, picks_t, 1), assemble(neutral, per_option, 2)
 
 
 def _general(
@@ -266,6 +354,16 @@ def render_tasks(report: dict[str, Any]) -> str:
     ]
     for model, row in report["choice_accuracy"].items():
         lines.append(f"| {model} | " + " | ".join(_cell(row.get(d)) for d in domains) + " |")
+    lines += [
+        "",
+        f"Scored by `{report['choice_rule']}`; every rule on the same items (router/task_eval.py):",
+        "",
+    ]
+    lines += ["| model | rule | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 2)]
+    for rule, rows in report["choice_accuracy_by_rule"].items():
+        for model, row in rows.items():
+            cells = " | ".join(f"{row[d]:.2f}" if d in row else "-" for d in domains)
+            lines.append(f"| {model} | {rule} | {cells} |")
     lines += [
         "",
         "## Reference-answer loss (nats per token, lower is better; 95% bootstrap interval)",

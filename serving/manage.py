@@ -162,7 +162,7 @@ def remove_expert_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
     train_router(sub)
     moved = files[slug].with_suffix(".yaml.removed")
     files[slug].rename(moved)
-    status = update_endpoint(compose(ctx.overrides))
+    status = update_endpoint(sub)  # not compose(ctx.overrides): an `experts=[...]` naming slug fails now
     print(
         f"removed {slug!r}: config moved to {moved} (rename it back to restore); its adapter and corpus "
         f"stay in {adapter_dir(app.get_expert(slug), app.paths)} and {app.paths.data_dir(slug)}\n{status}"

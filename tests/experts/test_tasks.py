@@ -189,6 +189,7 @@ def test_answer_loss_is_the_token_weighted_negative_log_likelihood_and_accuracy_
     item = build_choices("pubmed", _pubmed_docs())[0]
     scores = torch.full((N_OPTIONS, 2), -5.0)
     scores[item.answer, 0] = -1.0  # the keyed option is the likeliest
-    assert choice_correct(scores, [item]).tolist() == [1.0]
+    prior = torch.zeros(N_OPTIONS, 2)  # no prior: the calibrated rule reads the scores as they are
+    assert choice_correct(scores, [item], prior=prior).tolist() == [1.0]
     wrong = dataclasses.replace(item, answer=(item.answer + 1) % N_OPTIONS)
-    assert choice_correct(scores, [wrong]).tolist() == [0.0]
+    assert choice_correct(scores, [wrong], prior=prior).tolist() == [0.0]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from router.task_eval import CHOICE_RULE, CHOICE_RULES
 from tests.conftest import run_moe as moe
 from tests.conftest import write_toy_folder
 
@@ -32,6 +33,7 @@ COOKING = [
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 67.6 s on a quiet 2-core CI machine
 def test_eval_writes_matrix_routing_and_plots(user_conf, tiny_app, tmp_path):
     write_toy_folder(tmp_path / "cook_texts", seed=5, words=COOKING)
     (user_conf / "expert" / "cook.yaml").write_text(
@@ -89,6 +91,13 @@ def test_eval_writes_matrix_routing_and_plots(user_conf, tiny_app, tmp_path):
         assert tasks["answer_loss"]["routed"][d]["value"] == pytest.approx(
             tasks["answer_loss"]["own expert"][d]["value"], rel=1e-3
         )
+    # every scoring rule on every row; the table's is the chosen one's (routed: the priors it reuses)
+    by_rule = tasks["choice_accuracy_by_rule"]
+    assert set(by_rule) == set(CHOICE_RULES) and tasks["choice_rule"] == CHOICE_RULE
+    for model, row in tasks["choice_accuracy"].items():
+        assert {d: s["value"] for d, s in row.items()} == by_rule[CHOICE_RULE][model]
+    for rule in CHOICE_RULES:
+        assert by_rule[rule]["routed"] == by_rule[rule]["own expert"]
     assert (
         set(tasks["general"]) == {"base", "toy", "cook"} and tasks["general"]["base"]["change_vs_base"] == 0
     )

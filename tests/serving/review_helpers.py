@@ -60,7 +60,9 @@ def serve_review(log: QueryLog) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = (
+        time.monotonic() + 120
+    )  # a hang guard, not a speed limit: uvicorn sets `started` when it listens
     while not server.started:
         if time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not start")
