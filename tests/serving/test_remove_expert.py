@@ -17,7 +17,7 @@ import pytest
 
 from experts.config import compose
 from tests.conftest import TOY_WORDS, run_moe, write_toy_folder
-from tests.router.test_evaluation import COOKING
+from tests.router.test_expert_matrix import COOKING
 from tests.serving.test_add_expert import MORE, expert_yaml
 
 PORT = 8460
