@@ -29,6 +29,18 @@ def test_each_command_has_help(name):
     assert out.returncode == 0 and COMMANDS[name].summary in out.stdout
 
 
+@pytest.mark.parametrize("args", [["--help"], ["route", "--help"]])
+def test_output_into_a_closed_pipe_ends_quietly(args):
+    """`moe --help | head`: the reader is gone before moe writes; no traceback, SIGPIPE's status."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # every reader gone: each write gets EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_unknown_command_is_one_line_naming_choices():
     out = moe("trian")
     assert out.returncode == 2
