@@ -30,7 +30,7 @@ from experts.adapters import ExpertPool
 from experts.base_model import load_tokenizer
 from experts.config import compose
 from experts.evaluate import observed_logprobs
-from experts.train import domain_blocks
+from experts.train_data import domain_blocks
 from router.model import Router, load_router
 
 TOP_K = (1, 2, 3, 6)

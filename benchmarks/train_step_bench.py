@@ -19,7 +19,7 @@ import torch
 from experts.base_model import load_base_model, load_tokenizer
 from experts.config import compose
 from experts.hardware import machine_report
-from experts.train import domain_blocks
+from experts.train_data import domain_blocks
 
 
 def main(overrides: list[str]) -> dict:

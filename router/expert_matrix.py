@@ -27,7 +27,7 @@ from experts.base_model import load_tokenizer
 from experts.config import AppConfig
 from experts.errors import ArtifactError
 from experts.evaluate import block_nll, perplexity
-from experts.train import domain_blocks
+from experts.train_data import domain_blocks
 from router.task_eval import render_tasks, task_matrix, update_model_cards
 
 log = logging.getLogger(__name__)

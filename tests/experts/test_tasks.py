@@ -160,7 +160,7 @@ def test_moe_data_writes_train_tasks_beside_the_corpus_with_counts_in_the_card(t
 
 def test_training_mixes_tasks_by_the_configured_ratio(toy_corpus):
     from experts.base_model import load_tokenizer
-    from experts.train import build_train_data
+    from experts.train_data import build_train_data
 
     app, spec = toy_corpus
     tok = load_tokenizer(app.base_model, app.paths)

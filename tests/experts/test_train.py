@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from experts.config import build, compose
-from experts.train import _instruction_rows, train_expert
+from experts.train import train_expert
+from experts.train_data import instruction_rows
 
 WORDS = [
     "the",
@@ -109,7 +110,7 @@ def test_instruction_rows_mask_the_prompt(tiny_app):
     from experts.base_model import load_tokenizer
 
     tok = load_tokenizer(tiny_app.base_model, tiny_app.paths)
-    ids, labels, mask = _instruction_rows(
+    ids, labels, mask = instruction_rows(
         [{"prompt": "What is a kinase?", "response": "An enzyme."}], tok, 64, "sys"
     )
     n_resp = len(tok("An enzyme.", add_special_tokens=False)["input_ids"]) + 1  # + EOS
@@ -125,7 +126,7 @@ def test_generalist_mixes_every_routable_corpus(tiny_app, artifacts):
     for i, slug in enumerate(["biomedical", "legal"]):
         write_corpus(app, slug, seed=i)
     from experts.base_model import load_tokenizer
-    from experts.train import build_train_data
+    from experts.train_data import build_train_data
 
     data = build_train_data(app, app.expert, load_tokenizer(app.base_model, app.paths))
     assert set(data.sources) == {"biomedical", "legal"}
@@ -149,7 +150,7 @@ def test_time_budget_stops_training_and_saves_a_loadable_adapter(tiny_app, artif
     from experts.adapters import ExpertPool
     from experts.base_model import load_tokenizer
     from experts.evaluate import block_nll, perplexity
-    from experts.train import domain_blocks
+    from experts.train_data import domain_blocks
 
     app = compose(
         ["base_model=tiny", "train=tiny", "expert=biomedical", "train.steps=8", "train.max_minutes=0.5"]

@@ -57,7 +57,7 @@ def test_export_formats(log, tmp_path):
 def test_train_reads_the_exported_file(log, tmp_path, monkeypatch):
     """The expert rows are exactly what experts/train.py takes with train.include_feedback=true."""
     from experts.config import compose
-    from experts.train import feedback_instructions
+    from experts.train_data import feedback_instructions
 
     monkeypatch.setenv("MOE_ARTIFACTS", str(tmp_path / "artifacts"))
     app = compose(["expert=legal", "train.include_feedback=true"])

@@ -174,10 +174,10 @@ def _answer_loss(app, adapter: Path, prompt: str, response: str) -> float:
     from peft import PeftModel
 
     from experts.base_model import load_base_model, load_tokenizer
-    from experts.train import _instruction_rows
+    from experts.train_data import instruction_rows
 
     tok = load_tokenizer(app.base_model, app.paths)
-    ids, labels, mask = _instruction_rows(
+    ids, labels, mask = instruction_rows(
         [{"prompt": prompt, "response": response}], tok, 160, "Answer briefly."
     )
     model = PeftModel.from_pretrained(load_base_model(app.base_model, app.paths, "cpu"), str(adapter))
