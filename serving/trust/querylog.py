@@ -136,6 +136,93 @@ def _decode(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class ReviewError(MoeError):
+    """A review names an unknown request or expert, or misses what its verdict needs."""
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password (for messages)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def create_log_engine(url: str) -> Any:
+    """A SQLAlchemy engine for the log; SQLite in WAL mode. ConfigError names a bad URL or driver."""
+    from sqlalchemy import create_engine, event
+
+    is_sqlite = url.startswith("sqlite")
+    if is_sqlite and ":memory:" in url:
+        raise ConfigError("serve.log_db ':memory:' would vanish with its thread; give a file path")
+    try:
+        kwargs: dict[str, Any] = {"future": True}
+        if is_sqlite:
+            # The writer thread and request threads share the engine; each connection is
+            # used by one thread at a time, so SQLite's same-thread check is not needed.
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 5.0}
+        else:
+            kwargs["pool_pre_ping"] = True
+        engine = create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        dialect = url.split(":", 1)[0].split("+")[0]
+        hint = _DRIVERS.get(dialect, f"a SQLAlchemy driver for {dialect!r}")
+        raise ConfigError(
+            f"serve.log_db {safe_url(url)!r} needs a database driver that is not installed "
+            f"({exc.name}): pip install {hint}"
+        ) from None
+    except Exception as exc:  # a malformed URL: name it
+        raise ConfigError(f"serve.log_db {safe_url(url)!r} is not a usable database URL: {exc}") from None
+    if is_sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, fast
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+    return engine
+
+
+def check_review(
+    verdict: str,
+    reviewer: str,
+    correction: str | None,
+    correct_expert: str | None,
+    experts: Iterable[str] | None,
+) -> str:
+    """The stripped reviewer name, or ReviewError naming what the verdict misses."""
+    if verdict not in VERDICTS:
+        raise ReviewError(f"verdict {verdict!r} is not allowed; allowed: {list(VERDICTS)}")
+    reviewer = (reviewer or "").strip()
+    if not reviewer:
+        raise ReviewError("a review needs a reviewer name")
+    if verdict == "correct" and not (correction or "").strip():
+        raise ReviewError("verdict 'correct' needs the corrected answer (correction)")
+    if verdict == "misrouted":
+        allowed = sorted(experts) if experts is not None else None
+        if not correct_expert:
+            raise ReviewError(f"verdict 'misrouted' needs correct_expert; available: {allowed}")
+        if allowed is not None and correct_expert not in allowed:
+            raise ReviewError(f"unknown expert {correct_expert!r}; available: {allowed}")
+    return reviewer
+
+
+def pick_for_review(
+    pending: list[dict[str, Any]], limit: int, low_confidence: int | None, seed: int | None
+) -> list[dict[str, Any]]:
+    """From unreviewed requests sorted least confident first: that head, then a seeded sample."""
+    n_low = limit // 2 + limit % 2 if low_confidence is None else min(low_confidence, limit)
+    head = pending[:n_low]
+    rest = pending[n_low:]
+    random.Random(seed).shuffle(rest)
+    return head + rest[: max(0, limit - len(head))]
+
+
 class QueryLog:
     """A query log over SQLite (default) or any SQLAlchemy database URL.
 
@@ -147,42 +234,11 @@ class QueryLog:
     """
 
     def __init__(self, url_or_path: str | Path, max_queue: int = 10_000, batch_size: int = 32):
-        from sqlalchemy import MetaData, create_engine, event
+        from sqlalchemy import MetaData
 
         self.url = resolve_url(url_or_path)
         self.is_sqlite = self.url.startswith("sqlite")
-        if self.is_sqlite and ":memory:" in self.url:
-            raise ConfigError("serve.log_db ':memory:' would vanish with its thread; give a file path")
-        try:
-            kwargs: dict[str, Any] = {"future": True}
-            if self.is_sqlite:
-                # The writer thread and request threads share the engine; each connection is
-                # used by one thread at a time, so SQLite's same-thread check is not needed.
-                kwargs["connect_args"] = {"check_same_thread": False, "timeout": 5.0}
-            else:
-                kwargs["pool_pre_ping"] = True
-            self.engine = create_engine(self.url, **kwargs)
-        except ModuleNotFoundError as exc:
-            dialect = self.url.split(":", 1)[0].split("+")[0]
-            hint = _DRIVERS.get(dialect, f"a SQLAlchemy driver for {dialect!r}")
-            raise ConfigError(
-                f"serve.log_db {self._safe_url()!r} needs a database driver that is not installed "
-                f"({exc.name}): pip install {hint}"
-            ) from None
-        except Exception as exc:  # a malformed URL: name it
-            raise ConfigError(
-                f"serve.log_db {self._safe_url()!r} is not a usable database URL: {exc}"
-            ) from None
-        if self.is_sqlite:
-
-            @event.listens_for(self.engine, "connect")
-            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-                cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, fast
-                cur.execute("PRAGMA busy_timeout=5000")
-                cur.close()
-
+        self.engine = create_log_engine(self.url)
         self.metadata = MetaData()
         self.queries, self.reviews = _tables(self.metadata)
         self._schema_ready = False
@@ -200,13 +256,7 @@ class QueryLog:
 
     # -- plumbing -----------------------------------------------------------------------------
     def _safe_url(self) -> str:
-        """The URL without its password (for messages)."""
-        try:
-            from sqlalchemy.engine import make_url
-
-            return make_url(self.url).render_as_string(hide_password=True)
-        except Exception:
-            return self.url.split("@")[-1]
+        return safe_url(self.url)
 
     def _ensure_schema(self) -> None:
         if self._schema_ready:
@@ -328,19 +378,7 @@ class QueryLog:
         `verdict`: accept, reject, correct (needs `correction`) or misrouted (needs
         `correct_expert`, one of `experts` when given). Raises ReviewError on bad input.
         """
-        if verdict not in VERDICTS:
-            raise ReviewError(f"verdict {verdict!r} is not allowed; allowed: {list(VERDICTS)}")
-        reviewer = (reviewer or "").strip()
-        if not reviewer:
-            raise ReviewError("a review needs a reviewer name")
-        if verdict == "correct" and not (correction or "").strip():
-            raise ReviewError("verdict 'correct' needs the corrected answer (correction)")
-        if verdict == "misrouted":
-            allowed = sorted(experts) if experts is not None else None
-            if not correct_expert:
-                raise ReviewError(f"verdict 'misrouted' needs correct_expert; available: {allowed}")
-            if allowed is not None and correct_expert not in allowed:
-                raise ReviewError(f"unknown expert {correct_expert!r}; available: {allowed}")
+        reviewer = check_review(verdict, reviewer, correction, correct_expert, experts)
         if self.get(request_id) is None:
             raise ReviewError(f"unknown request {request_id!r}")
         row = {
@@ -416,15 +454,7 @@ class QueryLog:
             )
             if r["request_id"] not in reviewed
         ]
-        n_low = limit // 2 + limit % 2 if low_confidence is None else min(low_confidence, limit)
-        head = pending[:n_low]
-        rest = pending[n_low:]
-        random.Random(seed).shuffle(rest)
-        return head + rest[: max(0, limit - len(head))]
-
-
-class ReviewError(MoeError):
-    """A review names an unknown request or expert, or misses what its verdict needs."""
+        return pick_for_review(pending, limit, low_confidence, seed)
 
 
 def query_log_url(app: Any) -> str:
