@@ -136,7 +136,7 @@ class TfidfFeatures(Features):
     """Word and character n-gram TF-IDF, side by side (each view L2-normalised).
 
     sklearn fits the vocabularies and IDF; `transform` is our own, equal to sklearn's to float32
-    rounding (tests/router/test_features.py) and ~10x faster on one query, where sklearn's
+    rounding (tests/router/test_features.py) and much faster on one query, where sklearn's
     per-call validation and matrix assembly cost more than the n-grams themselves.
     """
 

@@ -3,8 +3,8 @@
 all-MiniLM-L6-v2 is trained end to end with a linear head on its pooled, L2-normalised
 embedding (a cosine classifier, as in `SentenceEncoder.encode`) over the same labelled windows
 the logistic regressions see: classes balanced, each row's sample weight respected (reviewed
-misroutes weigh more). On 8-word test windows the frozen encoder + logistic regression reaches
-~0.83 and the tuned one ~0.88 (docs/benchmarks.md, Router). Trains on the GPU when torch sees one
+misroutes weigh more). On 8-word test windows the tuned encoder beats the frozen one + logistic
+regression (docs/benchmarks.md#router). Trains on the GPU when torch sees one
 (bfloat16 autocast), else on the CPU; the result is always CPU float32 tensors.
 """
 

@@ -62,7 +62,7 @@ def thread_advice(threads: int, cpus: int, engine: str = "process") -> str | Non
     CPUs and it throttles its spinning, so every parallel matmul pays a futex wake-up. The
     "process" engine runs torch on its own process's initial thread (threads managed = threads);
     the "thread" engine runs it off the replica's (threads + 1): on 2 CPUs two threads there decode
-    19 tok/s, one 25 (benchmarks/openmp_threads_bench.py)."""
+    slower than one (docs/benchmarks.md#the-engine-alone, benchmarks/openmp_threads_bench.py)."""
     initial = 1 if engine == "thread" else 0  # the replica's initial thread, counted too
     if threads > 1 and threads + initial > cpus:
         return (

@@ -5,8 +5,8 @@ Two implementations of one interface (`start_batch`):
   own weights and math, with what costs time at small batches on a CPU taken out. q/k/v and
   gate/up are one matmul each (fused weights; the HF modules keep views into them, so nothing is
   stored twice); a single row goes through `torch.mv` or F.linear, whichever reads this model's
-  weights faster on this CPU (`prefers_mv`, timed once per decoder: the two differ up to ~2.4x
-  either way between CPUs); the KV cache is preallocated per batch; RoPE comes from a
+  weights faster on this CPU (`prefers_mv`, timed once per decoder: the faster one differs between
+  CPUs, docs/benchmarks.md#on-an-amd-epyc-kernels-chosen-by-timing-packed-base-weights-2026-12-01-late); the KV cache is preallocated per batch; RoPE comes from a
   table; a decode step's attention runs in fp32 over an fp32 cache (small batches) with its mask
   made once for every layer; LoRA comes from the pool's `LoraStack`: one adapter for every row ->
   two matmuls per group (`LoraGroup.for_one`, made once per batch), a mix -> one matmul against
@@ -57,8 +57,8 @@ def linear(
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Attention of q [rows, heads, T, dim] over the cache k, v [rows, kv_heads, S, dim] where
     `allowed` [rows, 1, T, S] (bool); [rows, heads, T, dim]. One new column per row on the CPU (a
-    decode step) is three fp32 ops over the grouped heads: torch's CPU SDPA kernel costs 1.3x (one
-    row, 40 cached columns) to 8x (32 rows, 300 columns) as much there (docs/benchmarks.md). There
+    decode step) is three fp32 ops over the grouped heads: torch's CPU SDPA kernel costs more there,
+    the more rows and cached columns the more (docs/benchmarks.md#on-an-amd-epyc-kernels-chosen-by-timing-packed-base-weights-2026-12-01-late). There
     `allowed` may instead be `decode_bias(allowed, kv_heads)`, computed once for every layer."""
     rows, heads, steps, dim = q.shape
     kv_heads = k.shape[1]
@@ -83,8 +83,8 @@ def decode_bias(allowed: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def prefers_mv(weights: Sequence[torch.Tensor], rounds: int = 3) -> bool:
     """Whether `torch.mv` multiplies one row by these weights faster than F.linear's single-row
     path, timed here over all of them (a batch-1 token's worth when they are a model's): which one
-    wins depends on the CPU and its BLAS paths. On an Intel Xeon (avx512_bf16, AMX) mv read bf16
-    weights ~1.8x faster; on an AMD EPYC (avx512_bf16) F.linear was ~2.4x faster (docs/benchmarks.md).
+    wins depends on the CPU and its BLAS paths: mv on an Intel Xeon with AMX, F.linear on an AMD EPYC
+    (docs/benchmarks.md#on-an-amd-epyc-kernels-chosen-by-timing-packed-base-weights-2026-12-01-late).
     Off the CPU: False (F.linear)."""
     if not weights or weights[0].device.type != "cpu":
         return False

@@ -7,13 +7,13 @@ format holds the weights once; the plain copies are freed):
 
 - "onednn": the same bf16 values in oneDNN's blocked layout (`torch.ops.mkldnn._linear_pointwise`,
   as torch.compile's CPU backend uses them): bit-for-bit F.linear's results, and on an AMD EPYC
-  1.3x faster than F.linear at 1 to 32 rows (docs/benchmarks.md). Lossless for any model.
+  faster than F.linear at 1 to 32 rows (docs/benchmarks.md#on-an-amd-epyc-kernels-chosen-by-timing-packed-base-weights-2026-12-01-late). Lossless for any model.
 - "int4": torch's 4-bit weight-only matmul (`_weight_int4pack_mm_for_cpu`), one scale and zero per
   group of 32 inputs. The default base ships as a Q4_1 GGUF, so its layers already are `d * q + m`
   per block of 32 (q in 0..15) and packing them loses nothing but the bf16 rounding of d and m
-  (perplexity within 0.2% of bf16). A quarter of the bytes: 3.5x faster than bf16 at one row, but
-  the kernel's cost grows with the rows (as fast at 8, 2x slower at 32), so it suits batch-1
-  latency, not throughput. `pack` refuses weights that are not on such a grid.
+  (perplexity as bf16's, same section). A quarter of the bytes: faster than bf16 at one row, but
+  the kernel's cost grows with the rows (slower at 32), so it suits batch-1 latency, not
+  throughput. `pack` refuses weights that are not on such a grid.
 - "bf16", for an fp32 pool (a CPU without native bf16, where bf16 compute is emulated and slow):
   the weights stored in bf16, half the bytes, computed in fp32. One row goes through ATen's bf16
   GEMV, which widens the weights in registers and accumulates in fp32 (the row is rounded to bf16
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["onednn", "int4", "bf16"]
 GROUP = 32  # int4: inputs per scale and zero (Q4_1's block)
 # bf16 storage, several rows: output rows of weights widened to fp32 per matmul. 512 x 576 fp32 is
-# 1.2 MB, in cache; a whole lm_head (49152 rows, 113 MB) widened at once took 1.6x as long.
+# 1.2 MB, in cache; a whole lm_head widened at once was slower (docs/benchmarks.md#on-a-cpu-without-native-bf16-avx2-imitated-bf16-storage-fp32-compute-2026-12-02).
 CHUNK_ROWS = 512
 
 
@@ -72,7 +72,7 @@ class PackedLinear:
         if self.kind == "bf16":
             return bf16_linear(x, self.weight)
         dtype = x.dtype
-        x = x.to(torch.bfloat16)  # the kernels take bf16 rows (int4 fp32 ones: ~13x slower on AVX2)
+        x = x.to(torch.bfloat16)  # the kernels take bf16 rows (int4 ones with fp32 rows: far slower)
         if self.kind == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         else:
