@@ -30,7 +30,7 @@ import numpy as np
 
 from experts.config import RESERVED_SLUGS, SLUG_RE, AppConfig, ProposalSpec
 from experts.errors import ConfigError, MoeError
-from serving.trust.querylog import QueryLog
+from serving.trust.querylog import QueryLog, safe_url
 
 PROPOSED_SUFFIX = ".yaml.proposed"
 REPORT_NAME = "proposals"  # artifacts/reports/proposals.{md,json,png}
@@ -183,7 +183,7 @@ def load_questions(
     if not rows:
         window = "" if since is None else f" in the last {spec.since_hours:g} h (proposals.since_hours)"
         raise ProposalError(
-            f"the query log {log._safe_url()} has no requests{window}; serve some traffic first"
+            f"the query log {safe_url(log.url)} has no requests{window}; serve some traffic first"
         )
     uncovered = [r for r in rows if (r.get("prompt") or "").strip() and is_uncovered(r, spec.max_confidence)]
     return rows, uncovered

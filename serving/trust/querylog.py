@@ -237,8 +237,8 @@ class QueryLog:
         from sqlalchemy import MetaData
 
         self.url = resolve_url(url_or_path)
-        self.is_sqlite = self.url.startswith("sqlite")
         self.engine = create_log_engine(self.url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.metadata = MetaData()
         self.queries, self.reviews = _tables(self.metadata)
         self._schema_ready = False
@@ -255,9 +255,6 @@ class QueryLog:
         atexit.register(self.close)
 
     # -- plumbing -----------------------------------------------------------------------------
-    def _safe_url(self) -> str:
-        return safe_url(self.url)
-
     def _ensure_schema(self) -> None:
         if self._schema_ready:
             return
@@ -306,7 +303,7 @@ class QueryLog:
                     return
             self._drop(len(rows))
             if not self._warned:  # once: a dead database must not flood the serving log
-                log.warning("query log %s: dropped %d entries (%s)", self._safe_url(), len(rows), exc)
+                log.warning("query log %s: dropped %d entries (%s)", safe_url(self.url), len(rows), exc)
                 self._warned = True
 
     def _drop(self, n: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, Field
 
-from serving.trust.querylog import VERDICTS, QueryLog, ReviewError, open_query_log
+from serving.trust.querylog import VERDICTS, QueryLog, ReviewError, open_query_log, safe_url
 
 
 class ReviewIn(BaseModel):
@@ -237,5 +237,5 @@ def review_command(app: Any, ctx: Any) -> list[dict[str, Any]]:
             return []
         reviewer = opts.get("reviewer") or os.environ.get("MOE_REVIEWER") or getpass.getuser()
         done = review_loop(log, reviewer, experts, limit=limit, seed=seed)
-    print(f"\n{len(done)} review(s) stored by {reviewer!r} in {log._safe_url()}")
+    print(f"\n{len(done)} review(s) stored by {reviewer!r} in {safe_url(log.url)}")
     return done

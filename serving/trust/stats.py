@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from serving.trust.proposals import load_summary
-from serving.trust.querylog import QueryLog, open_query_log
+from serving.trust.querylog import QueryLog, open_query_log, safe_url
 
 COLUMNS = (
     "expert",
@@ -92,7 +92,7 @@ def stats_command(app: Any, ctx: Any) -> list[dict[str, Any]]:
     """`moe stats`: print the table for the whole log."""
     with open_query_log(app) as log:
         stats = compute_stats(log)
-        where = log._safe_url()
+        where = safe_url(log.url)
     print(f"query log: {where}\n")
     print(format_table(stats))
     print(f"\n{format_clusters(load_summary(app))}")
