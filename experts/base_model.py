@@ -9,11 +9,10 @@ Hub is reachable, a Hub id. Remote code is never trusted.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from experts.atomic import replace_dir
 from experts.config import BaseModelSpec, PathsSpec
 from experts.errors import ArtifactError, ConfigError
 from experts.hardware import native_bf16
@@ -46,20 +45,12 @@ def ensure_base_model(spec: BaseModelSpec, paths: PathsSpec) -> str:
     out = Path(location)
     if (out / _COMPLETE).exists():
         return location
-    staged = out.with_name(out.name + ".part")
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    try:
+    with replace_dir(out) as staged:
         if spec.source == "pypi_gguf":
             _convert_gguf(spec, paths, staged)
         else:
             _build_tiny(spec, paths, staged)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    (staged / _COMPLETE).write_text(spec.name)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staged, out)
+        (staged / _COMPLETE).write_text(spec.name)
     return location
 
 

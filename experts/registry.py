@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from experts.atomic import replace_dir
 from experts.config import PackageRef
 from experts.errors import DataError
 
@@ -96,11 +96,8 @@ def fetch(ref: PackageRef, downloads: Path) -> Path:
                 raise DataError(
                     f"fetching {ref.pin} gave {len(got)} files, expected 1: {[p.name for p in got]}"
                 )
-            staged = target_dir.with_name(target_dir.name + ".part")
-            shutil.rmtree(staged, ignore_errors=True)
-            staged.mkdir()
-            shutil.move(str(got[0]), staged / got[0].name)
-            os.replace(staged, target_dir)
+            with replace_dir(target_dir) as staged:
+                shutil.move(str(got[0]), staged / got[0].name)
         files = sorted(target_dir.glob("*"))
     path = files[0]
     digest = sha256_file(path)
@@ -124,27 +121,24 @@ def unpack(ref: PackageRef, downloads: Path, members: str | None = None) -> Path
     out = archive.parent / "unpacked"
     if (out / ".complete").exists():
         return out
-    staged = archive.parent / "unpacked.part"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
     name = archive.name
-    try:
-        if name.endswith((".whl", ".zip")):
-            with zipfile.ZipFile(archive) as zf:
-                wanted = [i for i in zf.infolist() if members is None or i.filename.startswith(members)]
-                for info in tqdm(wanted, desc=f"unpack {ref.name}", unit="file", disable=len(wanted) < 500):
-                    zf.extract(info, staged)
-        elif name.endswith(".deb"):
-            _run(["dpkg-deb", "-x", str(archive), str(staged)], staged, ref.pin)
-        elif name.endswith((".tgz", ".tar.gz")):
-            with tarfile.open(archive) as tf:
-                tf.extractall(staged, filter="data")
-        else:
-            raise DataError(f"do not know how to unpack {name} ({ref.pin})")
-    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise DataError(f"cannot unpack {archive}: {exc}; delete it to fetch again") from exc
-    (staged / ".complete").write_text(ref.pin)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staged, out)
+    with replace_dir(out) as staged:
+        try:
+            if name.endswith((".whl", ".zip")):
+                with zipfile.ZipFile(archive) as zf:
+                    wanted = [i for i in zf.infolist() if members is None or i.filename.startswith(members)]
+                    for info in tqdm(
+                        wanted, desc=f"unpack {ref.name}", unit="file", disable=len(wanted) < 500
+                    ):
+                        zf.extract(info, staged)
+            elif name.endswith(".deb"):
+                _run(["dpkg-deb", "-x", str(archive), str(staged)], staged, ref.pin)
+            elif name.endswith((".tgz", ".tar.gz")):
+                with tarfile.open(archive) as tf:
+                    tf.extractall(staged, filter="data")
+            else:
+                raise DataError(f"do not know how to unpack {name} ({ref.pin})")
+        except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+            raise DataError(f"cannot unpack {archive}: {exc}; delete it to fetch again") from exc
+        (staged / ".complete").write_text(ref.pin)
     return out

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from experts.atomic import replace_dir
 from experts.config import AppConfig, ExpertSpec, PathsSpec
 from experts.errors import ArtifactError
 
@@ -139,8 +140,6 @@ def build_index_from_rows(
     # The title is part of what a passage is about: "fork" should find fork(2)'s page.
     matrix = vec.fit_transform([f"{p['title']} {p['text']}" for p in passages]).tocsr()
     matrix.sort_indices()
-    staged = out.with_name(out.name + ".part")
-    staged.mkdir(parents=True, exist_ok=True)
     vocabulary = {term: int(col) for term, col in vec.vocabulary_.items()}
     meta = {
         "version": INDEX_VERSION,
@@ -154,29 +153,19 @@ def build_index_from_rows(
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "vocabulary": vocabulary,
     }
-    (staged / "vocabulary.json").write_text(json.dumps(meta))
-    save_file(
-        {
-            "idf": vec.idf_.astype(np.float32),
-            "data": matrix.data.astype(np.float32),
-            "indices": matrix.indices.astype(np.int64),
-            "indptr": matrix.indptr.astype(np.int64),
-            "shape": np.asarray(matrix.shape, dtype=np.int64),
-        },
-        str(staged / "matrix.safetensors"),
-    )
-    with (staged / "passages.jsonl").open("w") as f:
-        for p in passages:
-            f.write(json.dumps(p) + "\n")
-    if out.exists():  # replace atomically enough: a reader never sees half an index
-        old = out.with_name(out.name + ".old")
-        out.rename(old)
-        staged.rename(out)
-        for child in old.iterdir():
-            child.unlink()
-        old.rmdir()
-    else:
-        staged.rename(out)
+    arrays = {
+        "idf": vec.idf_.astype(np.float32),
+        "data": matrix.data.astype(np.float32),
+        "indices": matrix.indices.astype(np.int64),
+        "indptr": matrix.indptr.astype(np.int64),
+        "shape": np.asarray(matrix.shape, dtype=np.int64),
+    }
+    with replace_dir(out) as staged:  # a reader never sees half an index
+        (staged / "vocabulary.json").write_text(json.dumps(meta))
+        save_file(arrays, str(staged / "matrix.safetensors"))
+        with (staged / "passages.jsonl").open("w") as f:
+            for p in passages:
+                f.write(json.dumps(p) + "\n")
     return out
 
 

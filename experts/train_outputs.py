@@ -18,14 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from experts.atomic import replace_dir, write_text
 from experts.config import AppConfig, ExpertSpec
 
 
 def save_checkpoint(ckpt: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    staged = ckpt.with_name(ckpt.name + ".part")
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    model.save_pretrained(staged)
     tensors, groups = {}, []
     for i, (pid, pstate) in enumerate(optimizer.state_dict()["state"].items()):
         for key, value in pstate.items():
@@ -35,10 +32,10 @@ def save_checkpoint(ckpt: Path, model: Any, optimizer: torch.optim.Optimizer, st
         assert i == pid
     for group in optimizer.state_dict()["param_groups"]:
         groups.append({k: v for k, v in group.items() if isinstance(v, int | float | bool | list)})
-    save_file(tensors, str(staged / "optimizer.safetensors"))
-    (staged / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    os.replace(staged, ckpt)
+    with replace_dir(ckpt) as staged:
+        model.save_pretrained(staged)
+        save_file(tensors, str(staged / "optimizer.safetensors"))
+        (staged / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
 
 
 def load_checkpoint(ckpt: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -81,11 +78,8 @@ def cached_base_perplexity(app: AppConfig, key: str) -> float | None:
 
 
 def save_base_perplexity(app: AppConfig, key: str, value: float) -> None:
-    path = _base_cache(app, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f"{path.name}.{os.getpid()}.part")
-    staged.write_text(json.dumps({"perplexity": value}))
-    os.replace(staged, path)  # parallel trainers (Ray) may write the same key: last one wins, same value
+    # parallel trainers (Ray) may write the same key: last one wins, with the same value
+    write_text(_base_cache(app, key), json.dumps({"perplexity": value}))
 
 
 def _config_record(app: AppConfig, spec: ExpertSpec) -> dict[str, Any]:

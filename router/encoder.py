@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from experts.atomic import replace_file
 from experts.config import PackageRef, PathsSpec
 from experts.errors import ArtifactError
 from experts.registry import unpack
@@ -245,11 +246,9 @@ class EmbeddingCache:
         """Write the cache file (atomically) if it learned new vectors."""
         if self.path is None or len(self.vectors) == self._saved:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp.npz")
         keys = np.array(list(self.vectors), dtype="S32")
-        np.savez(tmp, keys=keys, vectors=np.stack(list(self.vectors.values())).astype(np.float32))
-        os.replace(tmp, self.path)
+        with replace_file(self.path) as staged:
+            np.savez(staged, keys=keys, vectors=np.stack(list(self.vectors.values())).astype(np.float32))
         self._saved = len(self.vectors)
 
 

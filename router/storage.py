@@ -5,8 +5,6 @@ router.safetensors (weights and prototypes). JSON and safetensors only: nothing 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from experts.atomic import replace_dir
 from experts.errors import ArtifactError
 from router.model import Router
 from router.pipelines import features_from_state
@@ -45,14 +44,9 @@ def save_router(router: Router, directory: Path) -> None:
         "min_similarity": router.min_similarity,
         "info": router.info,
     }
-    staged = directory.with_name(directory.name + ".part")
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(staged / WEIGHTS_FILE))
-    (staged / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staged, directory)
+    with replace_dir(directory) as staged:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(staged / WEIGHTS_FILE))
+        (staged / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def read_router(

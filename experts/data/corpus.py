@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from experts.atomic import replace_dir
 from experts.config import AppConfig, BaseModelSpec, ExpertSpec, PathsSpec
 from experts.data.clean import clean_documents
 from experts.data.instructions import load_instructions
@@ -138,23 +138,6 @@ def _rows(docs: list[Document], chunk_words: int) -> dict[str, list]:
     return rows
 
 
-def _save_atomically(out: Path, write: Any) -> None:
-    """Run `write(tmp)` into a sibling temp folder, then swap it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_corpus(spec: ExpertSpec, app: AppConfig, force: bool = False, *, progress: bool = False) -> Path:
     """Fetch, clean, split and save the corpus of one expert; return its folder.
 
@@ -252,17 +235,15 @@ def build_corpus(spec: ExpertSpec, app: AppConfig, force: bool = False, *, progr
         "build_seconds": round(time.perf_counter() - start, 1),
     }
 
-    def write(tmp: Path) -> None:
-        from datasets import disable_progress_bars, enable_progress_bars
+    from datasets import disable_progress_bars, enable_progress_bars
 
+    with replace_dir(out) as staged:
         disable_progress_bars()  # one bar per split and shard is noise next to our own
         try:
-            DatasetDict(splits).save_to_disk(str(tmp / "dataset"))
+            DatasetDict(splits).save_to_disk(str(staged / "dataset"))
         finally:
             enable_progress_bars()
-        (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-
-    _save_atomically(out, write)
+        (staged / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     return out
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from experts.atomic import write_text
 from experts.errors import DataError
 
 TASKS_VERSION = 1  # bump when a builder changes what it makes: saved instructions rebuild
@@ -219,11 +219,9 @@ def write_tasks(slug: str, source: str, data_dir: Path) -> dict[str, Any]:
     by_kind: dict[str, int] = {}
     for t in tasks:
         by_kind[t.kind] = by_kind.get(t.kind, 0) + 1
-    tmp = data_dir / f".instructions.jsonl.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for t in tasks:
-            fh.write(json.dumps(asdict(t), ensure_ascii=False) + "\n")
-    os.replace(tmp, instructions_path(data_dir))
+    write_text(
+        instructions_path(data_dir), "".join(json.dumps(asdict(t), ensure_ascii=False) + "\n" for t in tasks)
+    )
     card["tasks"] = {
         **stamp,
         "split": "train",
@@ -232,9 +230,7 @@ def write_tasks(slug: str, source: str, data_dir: Path) -> dict[str, Any]:
         "by_kind": dict(sorted(by_kind.items())),
         "builder": builder_for(source).__name__,
     }
-    tmp_card = card_path.with_name(f".card.json.tmp-{os.getpid()}")
-    tmp_card.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp_card, card_path)
+    write_text(card_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     if not tasks:
         print(f"note: expert {slug!r}: its corpus gave no instruction tasks", flush=True)
     return card["tasks"]
