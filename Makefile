@@ -76,6 +76,7 @@ demo: install
 test: install vllm
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --no-cache --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=15
 
 test-unit: install

@@ -74,7 +74,7 @@ def _convert_gguf(spec: BaseModelSpec, paths: PathsSpec, out: Path) -> None:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
     )
     # The dequantized weights are plain fp32: drop the quantizer so the folder loads as a normal model.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
@@ -88,7 +88,7 @@ def _build_tiny(spec: BaseModelSpec, paths: PathsSpec, out: Path) -> None:
     assert spec.tokenizer_from is not None
     donor = ensure_base_model(spec.tokenizer_from, paths)
     tok = AutoTokenizer.from_pretrained(donor, trust_remote_code=False)
-    sizes = dict(spec.tiny)
+    sizes: dict[str, Any] = dict(spec.tiny)
     seed = sizes.pop("seed", 0)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -145,7 +145,7 @@ def load_base_model(spec: BaseModelSpec, paths: PathsSpec, device: str = "cpu") 
     model = AutoModelForCausalLM.from_pretrained(
         ensure_base_model(spec, paths), dtype=torch.float32, trust_remote_code=False, revision=spec.revision
     )
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types .to() by its decorator
 
 
 def fetch_model_command(app: Any, ctx: Any) -> None:

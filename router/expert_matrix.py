@@ -58,11 +58,11 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
         blocks = domain_blocks(domain, app, tok, "test", n_blocks)
         for model in models:
             bar.set_postfix_str(f"{model} on {domain}")
-            nll = block_nll(
-                lambda ids, mask, rows, m=model: _ticked(bar, pool.forward(ids, mask, [m] * len(ids)).logits),
-                blocks,
-                batch,
-            )
+
+            def logits(ids: torch.Tensor, mask: torch.Tensor, rows: Any, m: str = model) -> torch.Tensor:
+                return _ticked(bar, pool.forward(ids, mask, [m] * len(ids)).logits)
+
+            nll = block_nll(logits, blocks, batch)
             result[model][domain] = round(perplexity(nll), 4)
         if router is None:
             continue
@@ -72,12 +72,13 @@ def perplexity_matrix(app: AppConfig, router: Any | None, progress: bool = True)
         mix = router.mixture_weights(texts)  # no fallback model: routed has none either
         picks[domain] = {e: top1.count(e) for e in sorted(set(top1))}
         routed = [{e: 1.0} for e in top1]
-        nll = block_nll(
-            lambda ids, mask, rows, r=routed: _ticked(bar, pool.mixture_logprobs(ids, mask, r[rows])),
-            blocks,
-            batch,
-            logprobs=True,
-        )
+
+        def routed_logprobs(
+            ids: torch.Tensor, mask: torch.Tensor, rows: Any, r: list[dict[str, float]] = routed
+        ) -> torch.Tensor:
+            return _ticked(bar, pool.mixture_logprobs(ids, mask, r[rows]))
+
+        nll = block_nll(routed_logprobs, blocks, batch, logprobs=True)
         result["routed"][domain] = round(perplexity(nll), 4)
         for name, nll in zip(
             ("mixture", "mixture_context"), _mixture_nlls(pool, blocks, mix, batch, bar), strict=True

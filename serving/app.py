@@ -99,7 +99,7 @@ def build_app(app: AppConfig) -> serve.Application:
     pool_name = f"pool_{app.base_model.name}"
     shared = [n for n in ok if not specs[n].serving.dedicated]
     deployments = {
-        pool_name: ExpertPoolDeployment.options(**deployment_options(serve_cfg.pool, pool_name)).bind(
+        pool_name: ExpertPoolDeployment.options(**deployment_options(serve_cfg.pool, pool_name)).bind(  # type: ignore[attr-defined]  # @serve.deployment
             app, shared, serve_cfg.pool
         )
     }
@@ -109,11 +109,11 @@ def build_app(app: AppConfig) -> serve.Application:
         dep = f"expert_{name}"
         if dep in deployments or dep == "ingress":
             raise ConfigError(f"deployment name {dep!r} is used twice; rename expert {name!r}")
-        deployments[dep] = ExpertPoolDeployment.options(**deployment_options(res, dep)).bind(app, [name], res)
+        deployments[dep] = ExpertPoolDeployment.options(**deployment_options(res, dep)).bind(app, [name], res)  # type: ignore[attr-defined]  # @serve.deployment
         placement[name] = dep
     check_retrieval(app, ok)
     log_url = query_log_url(app) if serve_cfg.log_queries else None  # resolved here: replicas' cwd differs
-    return Ingress.options(**deployment_options(serve_cfg.ingress, "ingress")).bind(
+    return Ingress.options(**deployment_options(serve_cfg.ingress, "ingress")).bind(  # type: ignore[attr-defined]  # @serve.deployment
         app, deployments, placement, api_keys(app.serve), log_url
     )
 

@@ -26,10 +26,12 @@ class Metrics:
         self.requests = metrics.Counter(
             "moe_requests",
             "Requests by served expert, routing decision and HTTP status.",
-            tag_keys=("expert", "decision", "status"),
+            tag_keys=("expert", "decision", "status"),  # type: ignore[arg-type]  # Ray types it as a 1-tuple
         )
         self.tokens = metrics.Counter(
-            "moe_tokens", "Prompt and completion tokens by expert.", tag_keys=("expert", "kind")
+            "moe_tokens",
+            "Prompt and completion tokens by expert.",
+            tag_keys=("expert", "kind"),  # type: ignore[arg-type]
         )
         self.latency = metrics.Histogram(
             "moe_request_latency_s",

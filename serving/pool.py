@@ -29,11 +29,11 @@ class ExpertPoolDeployment:
         self.stream_interval_s = app.serve.stream_interval_s
         # Ray Serve's batcher runs one batch at a time unless told otherwise (a request arriving
         # mid-batch would wait for all of it); the engine interleaves the steps of those it holds.
-        self._decode_batch = serve.batch(
+        self._decode_batch: Any = serve.batch(
             max_batch_size=app.serve.max_batch_size,
             batch_wait_timeout_s=app.serve.batch_wait_timeout_s,
             max_concurrent_batches=app.serve.max_concurrent_batches,
-        )(self._decode)
+        )(self._decode)  # type: ignore[arg-type]  # Ray types a batch handler as returning a list
         info = self.info()
         log.info(
             "expert pool ready (%s engine): %s on %s (%s, base weights %s)",

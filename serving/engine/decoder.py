@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.adapters import ExpertPool
-from serving.engine.layout import LAYER_GROUPS
+from serving.engine.layout import layer_lora_keys
 from serving.engine.lora import LoraGroup, LoraStack
 from serving.engine.packed import PackedLinear, fastest, pack, packed_group
 
@@ -170,7 +170,7 @@ class Decoder:
                         _fuse([att.o_proj]),
                         _fuse([mlp.gate_proj, mlp.up_proj]),
                         _fuse([mlp.down_proj]),
-                        tuple(f"model.layers.{i}.{group}" for group in LAYER_GROUPS),
+                        layer_lora_keys(i),
                     )
                 )
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim

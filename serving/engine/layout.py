@@ -16,6 +16,12 @@ MEMBER_ORDER = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 LAYER_GROUPS = ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_up", "mlp.down_proj")
 
 
+def layer_lora_keys(layer: int) -> tuple[str, str, str, str]:
+    """The LoRA group keys of decoder layer `layer`, in LAYER_GROUPS order."""
+    qkv, o, gate_up, down = (f"model.layers.{layer}.{group}" for group in LAYER_GROUPS)
+    return qkv, o, gate_up, down
+
+
 def group_key(parent: str, leaf: str) -> str:
     """The group of module `leaf` under `parent`: e.g. "model.layers.0.self_attn.qkv"."""
     return f"{parent}.{SIBLINGS.get(leaf, leaf)}"

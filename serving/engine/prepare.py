@@ -93,7 +93,7 @@ def use_gemv(model: torch.nn.Module) -> bool:
     if not prefers_mv([m.weight for m in linears]):
         return False
     for module in linears:
-        module.forward = types.MethodType(_linear_gemv, module)
+        module.forward = types.MethodType(_linear_gemv, module)  # type: ignore[method-assign]
     return True
 
 
