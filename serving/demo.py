@@ -19,6 +19,17 @@ from experts.adapters import adapter_dir
 from experts.base_model import ensure_base_model
 from experts.config import AppConfig, compose
 
+BUDGET_PROFILE = "train=budget"  # conf/train/budget.yaml
+
+
+def demo_overrides(overrides: list[str], fast_training: bool) -> list[str]:
+    """The demo's overrides: where training is slow (a CPU without native bf16 and no GPU) the
+    time-budgeted training profile is added, unless the user chose a training profile or setting
+    (any `train...` override)."""
+    if fast_training or any(o.lstrip("+~").startswith("train") for o in overrides):
+        return list(overrides)
+    return [*overrides, BUDGET_PROFILE]
+
 
 def _step(title: str) -> float:
     print(f"\n== {title}", flush=True)
@@ -107,10 +118,22 @@ def ask_examples(app: AppConfig, base_url: str) -> list[dict[str, Any]]:
 
 
 def demo_command(app: AppConfig, ctx: Any) -> None:
+    import torch
+
+    from experts.hardware import native_bf16
     from serving.app import start_server, stop_server
 
     start = time.perf_counter()
-    prepare(app, ctx.overrides)
+    fast = native_bf16() or (app.train.device != "cpu" and torch.cuda.is_available())
+    overrides = demo_overrides(list(ctx.overrides), fast)
+    if overrides != list(ctx.overrides):
+        print(
+            f"this CPU has no native bf16: the adapters train on a time budget ({BUDGET_PROFILE}, "
+            "conf/train/budget.yaml); pass train=quick for the full quick profile",
+            flush=True,
+        )
+        app = compose(overrides)
+    prepare(app, overrides)
     t0 = _step("endpoint")
     url = start_server(app)
     print(f"serving at {url} ({time.perf_counter() - t0:.0f} s)")

@@ -56,9 +56,10 @@ class TrainSpec:
     feedback_repeat: int = 4  # times each correction is trained on (they are few; the corpus is large)
     # Share of training rows that are instruction tasks made from the corpus (experts/data/tasks.py,
     # chat template, loss on the answer only); the rest is raw text (AdaptLLM: raw text alone erodes
-    # prompting ability, its reading-comprehension tasks keep it; 0.25 is a starting point). 0, raw
-    # text only, stays the default until raw-only vs raw+instructions is measured (docs/benchmarks.md).
-    instruction_ratio: float = 0.0
+    # prompting ability, its reading-comprehension tasks keep it). A quarter: measured against raw
+    # text alone on the six domains at this (quick) profile, lower answer loss on every domain and on
+    # the everyday questions, slightly higher raw-text perplexity (docs/benchmarks.md#experts-that-answer-questions-task-table).
+    instruction_ratio: float = 0.25
     task_items: int = 32  # `moe eval`: multiple-choice and answer items per domain (test split)
     num_workers_ray: int = 0  # >0: train experts as parallel Ray tasks
     gpus_per_task: float = 0.0
