@@ -118,13 +118,12 @@ def ask_examples(app: AppConfig, base_url: str) -> list[dict[str, Any]]:
 
 
 def demo_command(app: AppConfig, ctx: Any) -> None:
-    import torch
-
+    from experts.base_model import pick_device
     from experts.hardware import native_bf16
     from serving.app import start_server, stop_server
 
     start = time.perf_counter()
-    fast = native_bf16() or (app.train.device != "cpu" and torch.cuda.is_available())
+    fast = pick_device(app.train.device) == "cuda" or native_bf16()  # the trainer's own device choice
     overrides = demo_overrides(list(ctx.overrides), fast)
     if overrides != list(ctx.overrides):
         print(
