@@ -219,6 +219,7 @@ def task_matrix(
     loss: dict[str, dict[str, Any]] = {}
     claims: dict[str, Any] = {}
     items: dict[str, dict[str, int]] = {}
+    scores: dict[str, dict[str, Any]] = {}  # per domain: item keys and each row's per-item scores
     rows_per_domain = 3 + (2 if router is not None else 0)  # base, generalist, own, routed, mixture
     bar = tqdm(total=len(domains) * rows_per_domain + 1, desc="eval tasks", disable=not progress)
     for seed, spec in enumerate(domains):
@@ -255,6 +256,10 @@ def task_matrix(
                 choice_priors(score, tok, system, choices, mix_c),
             )
         per_item: dict[str, torch.Tensor] = {}
+        scores[spec.name] = {
+            "choice_items": [_item_key(c) for c in choices],
+            "answer_items": [_item_key(t) for t in tasks],
+        }
         for row, (mc_scores, qa_scores, priors) in results.items():
             per_item[row] = choice_correct(mc_scores, choices, prior=priors) if choices else torch.zeros(0)
             if choices:
@@ -264,6 +269,10 @@ def task_matrix(
                     by_rule[rule].setdefault(row, {})[spec.name] = round(float(right.mean()), 4)
             if tasks:
                 loss.setdefault(row, {})[spec.name] = _row_stats("loss", qa_scores, seed)
+            scores[spec.name][row] = {
+                "choice": per_item[row].int().tolist(),
+                "answer": [[round(lp, 4), int(n)] for lp, n in qa_scores.tolist()],
+            }
         if choices:
             claims[spec.name] = {
                 f"{OWN} - {other}": interval(per_item[OWN] - per_item[other], seed=seed)
@@ -285,7 +294,69 @@ def task_matrix(
         "answer_loss": loss,
         "claims": claims,
         "general": general,
+        "per_item": scores,
     }
+
+
+def _item_key(item: Choice | Task) -> str:
+    """Names one item across runs: the builders are deterministic, so the same split and settings
+    give the same keys (`paired_difference` checks they match)."""
+    return f"{item.kind}:{item.doc_id}"
+
+
+def paired_difference(before: dict[str, Any], after: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """`after` - `before`, item by item, for two task reports on the same items (e.g. two training
+    settings): per domain and row, the accuracy difference and the answer-loss difference (nats per
+    token, token-weighted) with 95% paired bootstrap intervals. Raises ArtifactError when the two
+    reports were not scored on the same items."""
+    out: dict[str, Any] = {}
+    for domain in before["domains"]:
+        a, b = before.get("per_item", {}).get(domain), after.get("per_item", {}).get(domain)
+        if a is None or b is None:
+            raise ArtifactError(f"no per-item scores for {domain!r} in both reports (rerun the task eval)")
+        for part in ("choice_items", "answer_items"):
+            if a[part] != b[part]:
+                raise ArtifactError(
+                    f"the two reports scored different {part.split('_')[0]} items on {domain!r}: "
+                    "same train.task_items, test split and seed needed"
+                )
+        rows = [r for r in a if r not in ("choice_items", "answer_items") and r in b]
+        for row in rows:
+            cell: dict[str, Any] = {}
+            if a[row]["choice"]:
+                diff = torch.tensor(b[row]["choice"], dtype=torch.float) - torch.tensor(a[row]["choice"])
+                cell["accuracy"] = interval(diff, seed=seed)
+            if a[row]["answer"]:
+                qa_a, qa_b = torch.tensor(a[row]["answer"]), torch.tensor(b[row]["answer"])
+                if not torch.equal(qa_a[:, 1], qa_b[:, 1]):
+                    raise ArtifactError(
+                        f"answer tokens differ on {domain!r}: not the same tokenizer or items"
+                    )
+                tokens = qa_a[:, 1].clamp(min=1)
+                cell["answer_loss"] = interval(-qa_b[:, 0] / tokens + qa_a[:, 0] / tokens, tokens, seed=seed)
+            out.setdefault(row, {})[domain] = cell
+    return out
+
+
+def render_paired(diff: dict[str, Any], domains: Sequence[str]) -> str:
+    """The paired differences as two markdown tables (after - before)."""
+    lines: list[str] = []
+    for key, title, digits in (
+        ("accuracy", "Multiple-choice accuracy, after - before (paired 95% interval)", 2),
+        ("answer_loss", "Answer loss, after - before (nats per token; negative: better)", 3),
+    ):
+        lines += [
+            f"## {title}",
+            "",
+            "| model | " + " | ".join(domains) + " |",
+            "|" + "---|" * (len(domains) + 1),
+        ]
+        for row, cells in diff.items():
+            lines.append(
+                f"| {row} | " + " | ".join(_cell(cells.get(d, {}).get(key), digits) for d in domains) + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _routed(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router.task_eval import CHOICE_RULE, CHOICE_RULES
+from router.task_eval import CHOICE_RULE, CHOICE_RULES, paired_difference
 from tests.conftest import run_moe as moe
 from tests.conftest import write_toy_folder
 
@@ -101,6 +101,15 @@ def test_eval_writes_matrix_routing_and_plots(user_conf, tiny_app, tmp_path):
     assert (
         set(tasks["general"]) == {"base", "toy", "cook"} and tasks["general"]["base"]["change_vs_base"] == 0
     )
+    # per-item scores: their means are the table's, and a report paired with itself differs by 0
+    for d in tasks["domains"]:
+        for row, s in tasks["choice_accuracy"].items():
+            right = tasks["per_item"][d][row]["choice"]
+            assert len(right) == s["n"] and sum(right) / len(right) == pytest.approx(s["value"], abs=1e-4)
+    same = paired_difference(tasks, tasks)
+    cells = [c for r in same.values() for c in r.values()]
+    assert cells and all("accuracy" in c for c in cells)
+    assert all(s["value"] == 0 for c in cells for s in c.values())
     md = (reports / "eval.md").read_text()
     assert "## Multiple choice" in md and "## Everyday questions" in md
     card = (tmp_path / "artifacts" / "experts" / "toy" / "README.md").read_text()

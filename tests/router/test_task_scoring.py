@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from experts.data.tasks import Choice
+from experts.errors import ArtifactError
 from router.task_eval import (
     CHOICE_RULE,
     CHOICE_RULES,
@@ -24,6 +25,8 @@ from router.task_eval import (
     choice_correct,
     choice_priors,
     neutral_question,
+    paired_difference,
+    render_paired,
 )
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "choice_in_context.yaml"
@@ -116,3 +119,38 @@ def test_neutral_question_drops_the_passage():
         == "Which title fits this abstract?"
     )
     assert neutral_question("What does `ls` do?") == NEUTRAL_QUESTION
+
+
+def _report(right: list[int], answers: list[list[float]], keys: list[str] | None = None) -> dict:
+    keys = keys or [f"title:{i}" for i in range(len(right))]
+    per_row = {"choice": right, "answer": answers}
+    return {
+        "domains": ["legal"],
+        "per_item": {
+            "legal": {"choice_items": keys, "answer_items": keys[: len(answers)], "own expert": per_row}
+        },
+    }
+
+
+def test_paired_difference_is_item_by_item():
+    before = _report([1, 0, 0, 1], [[-4.0, 2], [-9.0, 3], [-1.0, 1], [-2.0, 2]])
+    after = _report([1, 1, 0, 0], [[-2.0, 2], [-6.0, 3], [-1.0, 1], [-2.0, 2]])
+    cell = paired_difference(before, after)["own expert"]["legal"]
+    # accuracy: item-wise 0, +1, 0, -1 -> mean 0, and the interval holds the per-item spread
+    assert cell["accuracy"]["value"] == 0 and cell["accuracy"]["lo"] < 0 < cell["accuracy"]["hi"]
+    # answer loss, token-weighted: (after - before) summed nats / tokens = (-2 - 3 + 0 + 0) / 8
+    rows = (after["per_item"]["legal"]["own expert"], before["per_item"]["legal"]["own expert"])
+    gained = sum(a[0] - b[0] for a, b in zip(rows[0]["answer"], rows[1]["answer"], strict=True))
+    assert cell["answer_loss"]["value"] == pytest.approx(-gained / 8, abs=1e-4)
+    assert cell["answer_loss"]["hi"] <= 0 and cell["answer_loss"]["n"] == 4
+    assert "| own expert |" in render_paired(paired_difference(before, after), ["legal"])
+
+
+def test_paired_difference_refuses_other_items():
+    before = _report([1, 0], [[-1.0, 1]])
+    with pytest.raises(ArtifactError, match="different choice items"):
+        paired_difference(before, _report([1, 0], [[-1.0, 1]], keys=["title:0", "title:9"]))
+    with pytest.raises(ArtifactError, match="answer tokens differ"):
+        paired_difference(before, _report([1, 0], [[-1.0, 2]]))
+    with pytest.raises(ArtifactError, match="no per-item scores"):
+        paired_difference(before, {"domains": ["legal"]})
