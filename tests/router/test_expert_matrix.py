@@ -103,9 +103,11 @@ def test_eval_writes_matrix_routing_and_plots(user_conf, tiny_app, tmp_path):
     )
     # per-item scores: their means are the table's, and a report paired with itself differs by 0
     for d in tasks["domains"]:
-        for row, s in tasks["choice_accuracy"].items():
-            right = tasks["per_item"][d][row]["choice"]
-            assert len(right) == s["n"] and sum(right) / len(right) == pytest.approx(s["value"], abs=1e-4)
+        for row, by_domain in tasks["choice_accuracy"].items():
+            right, stats = tasks["per_item"][d][row]["choice"], by_domain[d]
+            assert len(right) == stats["n"] and sum(right) / len(right) == pytest.approx(
+                stats["value"], abs=1e-4
+            )
     same = paired_difference(tasks, tasks)
     cells = [c for r in same.values() for c in r.values()]
     assert cells and all("accuracy" in c for c in cells)
