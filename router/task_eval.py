@@ -185,8 +185,13 @@ def interval(values: torch.Tensor, weights: torch.Tensor | None = None, seed: in
 def _row_stats(kind: str, per_item: torch.Tensor, seed: int) -> dict[str, float]:
     if kind == "accuracy":
         return interval(per_item, seed=seed)
-    # [summed log-probability, tokens] per item -> the token-weighted loss, nats per token
-    return interval(-per_item[:, 0] / per_item[:, 1].clamp(min=1), per_item[:, 1], seed=seed)
+    return interval(*_answer_losses(per_item), seed=seed)
+
+
+def _answer_losses(per_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[summed log-probability, tokens] per item -> each item's loss (nats per token) and its
+    tokens, the weights of a token-weighted mean."""
+    return -per_item[:, 0] / per_item[:, 1].clamp(min=1), per_item[:, 1]
 
 
 def _example_rows(
@@ -327,13 +332,14 @@ def paired_difference(before: dict[str, Any], after: dict[str, Any], seed: int =
                 diff = torch.tensor(b[row]["choice"], dtype=torch.float) - torch.tensor(a[row]["choice"])
                 cell["accuracy"] = interval(diff, seed=seed)
             if a[row]["answer"]:
-                qa_a, qa_b = torch.tensor(a[row]["answer"]), torch.tensor(b[row]["answer"])
-                if not torch.equal(qa_a[:, 1], qa_b[:, 1]):
+                (loss_a, tokens), (loss_b, tokens_b) = (
+                    _answer_losses(torch.tensor(r[row]["answer"])) for r in (a, b)
+                )
+                if not torch.equal(tokens, tokens_b):
                     raise ArtifactError(
                         f"answer tokens differ on {domain!r}: not the same tokenizer or items"
                     )
-                tokens = qa_a[:, 1].clamp(min=1)
-                cell["answer_loss"] = interval(-qa_b[:, 0] / tokens + qa_a[:, 0] / tokens, tokens, seed=seed)
+                cell["answer_loss"] = interval(loss_b - loss_a, tokens, seed=seed)
             out.setdefault(row, {})[domain] = cell
     return out
 
@@ -345,12 +351,7 @@ def render_paired(diff: dict[str, Any], domains: Sequence[str]) -> str:
         ("accuracy", "Multiple-choice accuracy, after - before (paired 95% interval)", 2),
         ("answer_loss", "Answer loss, after - before (nats per token; negative: better)", 3),
     ):
-        lines += [
-            f"## {title}",
-            "",
-            "| model | " + " | ".join(domains) + " |",
-            "|" + "---|" * (len(domains) + 1),
-        ]
+        lines += [f"## {title}", "", *_table_head(domains)]
         for row, cells in diff.items():
             lines.append(
                 f"| {row} | " + " | ".join(_cell(cells.get(d, {}).get(key), digits) for d in domains) + " |"
@@ -414,10 +415,15 @@ def _cell(s: dict[str, float] | None, digits: int = 2) -> str:
     return f"{s['value']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]" if s else "-"
 
 
+def _table_head(domains: Sequence[str]) -> list[str]:
+    """The header rows of a model x domain markdown table."""
+    return ["| model | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+
+
 def render_tasks(report: dict[str, Any]) -> str:
     """The task section of eval.md: accuracy and answer loss tables, the claims, forgetting."""
     domains = report["domains"]
-    head = ["| model | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+    head = _table_head(domains)
     lines = [
         "## Multiple choice on each domain's test split (accuracy, 4 options, chance 0.25; 95% bootstrap interval)",
         "",
