@@ -17,7 +17,8 @@ import time
 
 from experts.config import compose
 from router.expert_matrix import optional_router
-from router.task_eval import render_tasks, task_matrix
+from router.task_eval import task_matrix
+from router.task_report import render_tasks
 
 
 def main(argv: list[str]) -> None:

@@ -5,7 +5,7 @@
 For two trainings scored on the same items (benchmarks/task_bench.py, or the `tasks` part of
 `moe eval`'s eval.json, with the same `train.task_items` and test split), e.g. raw text against raw
 text + instructions: per domain and model row, the multiple-choice accuracy difference and the
-answer-loss difference with 95% paired bootstrap intervals (router/task_eval.py: paired_difference).
+answer-loss difference with 95% paired bootstrap intervals (router/task_report.py: paired_difference).
 Paired intervals are much narrower than two unpaired ones that overlap.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from experts.errors import ArtifactError
-from router.task_eval import paired_difference, render_paired
+from router.task_report import paired_difference, render_paired
 
 
 def _tasks(path: Path) -> dict[str, Any]:

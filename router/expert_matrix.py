@@ -28,7 +28,8 @@ from experts.config import AppConfig
 from experts.errors import ArtifactError
 from experts.evaluate import block_nll, perplexity
 from experts.train_data import domain_blocks
-from router.task_eval import render_tasks, task_matrix, update_model_cards
+from router.task_eval import task_matrix
+from router.task_report import render_tasks, update_model_cards
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from router.task_eval import CHOICE_RULE, CHOICE_RULES, paired_difference
+from router.task_eval import CHOICE_RULE, CHOICE_RULES
+from router.task_report import paired_difference
 from tests.conftest import run_moe as moe
 from tests.conftest import write_toy_folder
 

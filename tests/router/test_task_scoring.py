@@ -25,9 +25,8 @@ from router.task_eval import (
     choice_correct,
     choice_priors,
     neutral_question,
-    paired_difference,
-    render_paired,
 )
+from router.task_report import paired_difference, render_paired
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "choice_in_context.yaml"
 SYSTEM = "You are a helpful assistant."
