@@ -145,7 +145,8 @@ class ResourceSpec:
     # Expert pools on the CPU: the decoder layers' base weights as oneDNN-packed bf16 (bf16 pools),
     # at 4 bits (lossless for a base converted from a 4-bit GGUF), stored in bf16 and computed in
     # fp32 (fp32 pools: CPUs without native bf16), or plain; auto: oneDNN for a bf16 pool, bf16
-    # storage for an fp32 one, each where it is faster here (serving/engine/packed.py)
+    # storage for an fp32 one, each where it is faster here, bf16 storage plus a oneDNN-packed fp32
+    # copy for batches where that is faster (1.5x an fp32 model's memory; serving/engine/packed.py)
     base_weights: Literal["auto", "onednn", "int4", "bf16", "plain"] = "auto"
     vllm: VllmSpec = field(default_factory=VllmSpec)  # engine "vllm" only
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from experts.adapters import ExpertPool
 from serving.engine.layout import layer_lora_keys
 from serving.engine.lora import LoraGroup, LoraStack
-from serving.engine.packed import PackedLinear, fastest, pack, packed_group
+from serving.engine.packed import PackedLinear, fastest, pack, packed_group, with_wide
 
 _ROPE_TYPES = {"default", "linear", "llama3"}  # cos/sin depend on the position only (a table works)
 FP32_CACHE_ROWS = 8  # batches of at most this many rows keep their KV cache in fp32 on a CPU
@@ -186,6 +186,8 @@ class Decoder:
             # The layers' weights are stored in bf16 (an fp32 pool, `serving.engine.packed`): so is a copy
             # of the LM head (a fifth of a token's bytes; the fp32 one stays, tied to the embeddings)
             self.lm_head = pack([self.lm_head], "bf16") or self.lm_head
+            if self.layers[0].qkv.wide is not None and isinstance(self.lm_head, PackedLinear):
+                self.lm_head = with_wide(self.lm_head)  # as the layers: fp32 for batches
         # A batch-1 token's weights, to time the two single-row paths on this CPU
         weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.mv = prefers_mv([w for w in (*weights, self.lm_head) if isinstance(w, torch.Tensor)])
@@ -198,7 +200,7 @@ class Decoder:
         measured read bandwidth, the roofline of batch-1 decoding (benchmarks/)."""
 
         def size(w: torch.Tensor | PackedLinear) -> int:
-            return w.nbytes() if isinstance(w, PackedLinear) else w.numel() * w.element_size()
+            return w.row_bytes() if isinstance(w, PackedLinear) else w.numel() * w.element_size()
 
         layers = sum(
             size(w) for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)

@@ -18,7 +18,11 @@ format holds the weights once; the plain copies are freed):
   the weights stored in bf16, half the bytes, computed in fp32. One row goes through ATen's bf16
   GEMV, which widens the weights in registers and accumulates in fp32 (the row is rounded to bf16
   on the way in, as a bf16 pool does); more rows widen CHUNK_ROWS output rows of weights at a time
-  to fp32 (they stay in cache) for an fp32 matmul. The same values a bf16 pool serves.
+  to fp32 (they stay in cache) for an fp32 matmul. The same values a bf16 pool serves. Under
+  `auto`, the groups also keep a oneDNN-packed fp32 copy (`wide`) for calls of more than one row,
+  where it is timed faster here: on an AVX2-only EPYC 1.5-1.7x at 8 and 32 rows, for 1.5x the
+  memory of one fp32 model (docs/benchmarks.md#on-a-real-avx2-only-machine). `base_weights=bf16`
+  keeps bf16 storage alone (the least memory).
 
 `pack_model(model, "auto", dtype, cpu)` tries the format `auto_format` names for the pool's dtype
 on this CPU (oneDNN for a bf16 pool on a CPU with native bf16, bf16 storage for an fp32 pool on
@@ -34,6 +38,7 @@ opaque oneDNN tensor, or uint8), rather than silently with wrong numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["onednn", "int4", "bf16"]
 GROUP = 32  # int4: inputs per scale and zero (Q4_1's block)
+WIDE_ROWS = 8  # bf16 storage's fp32 copy: oneDNN's layout for this many rows, and the rows it is timed at
 # bf16 storage, several rows: output rows of weights widened to fp32 per matmul. 512 x 576 fp32 is
 # 1.2 MB, in cache; a whole lm_head widened at once was slower (docs/benchmarks.md#on-a-cpu-without-native-bf16-avx2-imitated-bf16-storage-fp32-compute-2026-12-02).
 CHUNK_ROWS = 512
@@ -66,11 +72,16 @@ class PackedLinear:
     scales: torch.Tensor | None  # int4: [in / GROUP, out, 2] bf16 (scale, zero), contiguous
     in_features: int
     out_features: int
+    wide: torch.Tensor | None = None  # bf16: an opaque oneDNN-packed fp32 copy for > 1 row (`with_wide`)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype (bf16 for a bf16 pool, fp32 for an fp32 one)."""
         if self.kind == "bf16":
-            return bf16_linear(x, self.weight)
+            if self.wide is None or x.numel() == x.shape[-1]:
+                return bf16_linear(x, self.weight)
+            flat = x.reshape(-1, self.in_features)
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.wide, None, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
         dtype = x.dtype
         x = x.to(torch.bfloat16)  # the kernels take bf16 rows (int4 ones with fp32 rows: far slower)
         if self.kind == "onednn":
@@ -81,9 +92,31 @@ class PackedLinear:
             y = y.view(*x.shape[:-1], self.out_features)
         return y.to(dtype)
 
-    def nbytes(self) -> int:
+    def row_bytes(self) -> int:
+        """Bytes one row reads: the weights and scales of its kernel (not the fp32 copy)."""
         scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
         return self.weight.numel() * self.weight.element_size() + scales
+
+    def nbytes(self) -> int:
+        """Bytes held: `row_bytes` and the fp32 copy, if any."""
+        return self.row_bytes() + (0 if self.wide is None else 4 * self.in_features * self.out_features)
+
+
+def with_wide(group: PackedLinear) -> PackedLinear:
+    """A bf16-stored group that also holds its weights as oneDNN-packed fp32 for calls of more
+    than one row (the same values: bf16 fits in fp32)."""
+    wide = torch.ops.mkldnn._reorder_linear_weight(group.weight.float(), WIDE_ROWS)
+    return dataclasses.replace(group, wide=wide)
+
+
+def wide_is_faster(packs: Sequence[PackedLinear | None], wide: Sequence[PackedLinear | None]) -> bool:
+    """Whether WIDE_ROWS rows through the fp32 copies beat bf16 storage's widening, timed here."""
+    rows = {p.in_features: torch.randn(WIDE_ROWS, p.in_features) for p in packs if p is not None}
+
+    def run(groups: Sequence[PackedLinear | None]) -> Callable[[], object]:
+        return lambda: [g(rows[g.in_features]) for g in groups if g is not None]
+
+    return fastest({"bf16": run(packs), "fp32 copy": run(wide)}) == "fp32 copy"
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -185,7 +218,8 @@ def pack_model(model: Any, kind: str, dtype: torch.dtype = torch.bfloat16, cpu: 
     """Pack every sibling group of the decoder layers that `kind` can hold, for a pool computing
     in `dtype`; the linears packed. "auto": `auto_format`'s, installed only where one row through
     the packed groups beats both plain paths here (`packed_is_faster`); the groups are packed
-    once, for the timing and for serving."""
+    once, for the timing and for serving. Bf16 storage under "auto" also keeps an fp32 copy for
+    batches (`with_wide`) where WIDE_ROWS rows through it are timed faster (`wide_is_faster`)."""
     groups = sibling_groups(model)
     fmt = auto_format(dtype, cpu) if kind == "auto" else kind
     if fmt is None or not groups:
@@ -194,6 +228,10 @@ def pack_model(model: Any, kind: str, dtype: torch.dtype = torch.bfloat16, cpu: 
         packs = [pack([m.weight for m in g], fmt) for g in groups]
     if kind == "auto" and not packed_is_faster(groups, packs, dtype):
         return 0
+    if kind == "auto" and fmt == "bf16" and torch.backends.mkldnn.is_available():
+        wide = [None if p is None else with_wide(p) for p in packs]
+        if wide_is_faster(packs, wide):
+            packs, fmt = wide, "bf16, fp32 copy for batches"
     count = 0
     for linears, group in zip(groups, packs, strict=True):
         if group is not None:

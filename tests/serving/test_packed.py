@@ -24,6 +24,7 @@ from serving.engine.packed import (
     packed_group,
     packed_groups,
     sibling_groups,
+    with_wide,
 )
 from serving.engine.prepare import decoder_for
 from tests.experts.test_adapters import make_adapter
@@ -159,6 +160,15 @@ def test_bf16_storage_computes_in_fp32():
     rounded = F.linear(x.to(torch.bfloat16).float(), stored)
     torch.testing.assert_close(y, rounded, rtol=0, atol=1e-2 * rounded.abs().max().item())
     assert (y - want).abs().max() <= 3 * (rounded - want).abs().max() + 1e-2 * want.abs().max()
+    # with the fp32 copy for batches: several rows through oneDNN's fp32 kernel, one row unchanged
+    both = with_wide(group)
+    assert both.wide is not None and both.row_bytes() == group.nbytes()
+    assert both.nbytes() == group.nbytes() + 4 * 1000 * 64
+    for shape in [(3, 5, 64), (2, 64)]:
+        x = torch.randn(shape, generator=gen)
+        torch.testing.assert_close(both(x), F.linear(x, stored), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 1, 64, generator=gen)
+    assert torch.equal(both(x), group(x))
 
 
 def test_auto_format_follows_the_cpu():
@@ -179,8 +189,10 @@ def fp32_pool(app, folders, fmt: str, cpu) -> ExpertPool:
     return pool
 
 
-def test_an_fp32_pool_without_native_bf16_serves_bf16_storage(tiny_app, adapters, monkeypatch):
+@pytest.mark.parametrize("copy", [False, True], ids=["bf16 alone", "with an fp32 copy for batches"])
+def test_an_fp32_pool_without_native_bf16_serves_bf16_storage(tiny_app, adapters, monkeypatch, copy):
     monkeypatch.setattr(packed_module, "packed_is_faster", lambda groups, packs, dtype: True)
+    monkeypatch.setattr(packed_module, "wide_is_faster", lambda packs, wide: copy)
     plain, packed = fp32_pool(tiny_app, adapters, "plain", AVX2), fp32_pool(tiny_app, adapters, "auto", AVX2)
     assert layout(plain.model) == "plain" and layout(packed.model) == "bf16"
     leftover = [n for n, _ in packed.model.named_parameters() if "lora_" not in n and "proj" in n]
@@ -188,6 +200,8 @@ def test_an_fp32_pool_without_native_bf16_serves_bf16_storage(tiny_app, adapters
     assert packed.dtype == torch.float32
     fast_decoder = decoder_for(packed)
     assert isinstance(fast_decoder.lm_head, PackedLinear) and fast_decoder.lm_head.kind == "bf16"
+    groups = packed_groups(packed.model)
+    assert groups and all((g.wide is not None) == copy for g in [*groups, fast_decoder.lm_head])
     plain_decoder = decoder_for(plain)
     assert plain_decoder is not None and not isinstance(plain_decoder.lm_head, PackedLinear)
     assert 2 * fast_decoder.token_bytes() == plain_decoder.token_bytes()  # half the bytes a token
