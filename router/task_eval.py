@@ -16,6 +16,7 @@ same tokens: that domain expert's system prompt.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def load_general_instructions(path: Path | None = None) -> list[dict[str, str]]:
 def domain_items(spec: ExpertSpec, app: AppConfig) -> tuple[list[Choice], list[Task]]:
     """The domain's multiple-choice items and reference-answer questions, from its test split only."""
     docs = split_documents(load_corpus(spec.name, app.paths)["test"])
-    choices = build_choices(spec.data.source, docs, app.train.task_items)
+    choices = build_choices(spec.data.source, docs, app.train.task_items, app.train.task_distractors)
     check_choices(
         choices, spec.data.source, docs
     )  # every key is its document's answer, every option a test doc
@@ -304,7 +305,10 @@ def task_matrix(
 
 def _item_key(item: Choice | Task) -> str:
     """Names one item across runs: the builders are deterministic, so the same split and settings
-    give the same keys (`paired_difference` checks they match)."""
+    give the same keys (`paired_difference` checks they match); a choice's key names its options."""
+    if isinstance(item, Choice):
+        options = hashlib.sha1("\x00".join(item.options).encode()).hexdigest()[:8]
+        return f"{item.kind}:{item.doc_id}:{options}"
     return f"{item.kind}:{item.doc_id}"
 
 

@@ -61,6 +61,10 @@ class TrainSpec:
     # the everyday questions, slightly higher raw-text perplexity (docs/benchmarks.md#experts-that-answer-questions-task-table).
     instruction_ratio: float = 0.25
     task_items: int = 32  # `moe eval`: multiple-choice and answer items per domain (test split)
+    # How `moe eval` picks a multiple-choice item's three wrong options: `random` (any answer of the
+    # kind) or `similar` (titles: from the answers whose abstracts are nearest, so the item is not a
+    # topic guess; measured barely harder on the quick demo, docs/benchmarks.md). experts/data/tasks.py.
+    task_distractors: Literal["similar", "random"] = "random"
     num_workers_ray: int = 0  # >0: train experts as parallel Ray tasks
     gpus_per_task: float = 0.0
 

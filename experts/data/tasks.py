@@ -9,7 +9,8 @@ Each corpus kind (its `data.source`) has one builder that turns a document of a 
   - multiple-choice keys (question, the document's own answer): which title fits this abstract,
     which page a description belongs to, which licence a clause comes from, which president gave
     a passage, which book a passage is from. Distractors are the answers of other documents of the
-    SAME split and domain, so eval items built from the test split never see a train document.
+    SAME split and domain, so eval items built from the test split never see a train document; for
+    a free-text answer (a title) the nearest such answers, so the item is not a topic guess.
 
 `moe data` writes the train split's tasks beside the corpus (`instructions.jsonl`, counts in
 card.json); `moe eval` builds its items from the test split the same way. Choices are made with
@@ -26,12 +27,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from experts.atomic import write_text
 from experts.errors import DataError
 
 TASKS_VERSION = 1  # bump when a builder changes what it makes: saved instructions rebuild
 MAX_INSTRUCTIONS = 5000  # rows written per corpus; training uses a few hundred (train.instruction_ratio)
 N_OPTIONS = 4  # options of a multiple-choice item: the right answer and three distractors
+DISTRACTORS = ("similar", "random")  # how the three are picked: the values of train.task_distractors
+# Kinds whose answer is free text (a study's title, a document's title): `similar` draws their
+# distractors from the titles of the documents whose question text (the abstract) is nearest (word
+# TF-IDF cosine), so "which title fits this abstract" asks which of four studies on the same subject
+# it is, not which of four subjects. Names
+# (a licence, a president, a command) keep random distractors: their neighbours are often right too
+# (GPL-2.0 and GPL-3.0 share clauses).
+SIMILAR_KINDS = frozenset({"title", "document"})
+NEIGHBOURS = 8  # `similar`: the distractors are drawn from this many nearest answers
+NEAR_DUPLICATE = 0.9  # ...leaving out any whose question is this close (cosine): the same study again
+COMMON_WORDS = 0.9  # words in more than this share of the questions (the item's own wording) don't count
 
 
 @dataclass(frozen=True)
@@ -144,9 +158,49 @@ def build_tasks(source: str, docs: Iterable[SplitDoc], limit: int | None = None)
     return _spread(tasks, limit, "tasks")
 
 
-def build_choices(source: str, docs: Sequence[SplitDoc], limit: int | None = None) -> list[Choice]:
+def _neighbours(questions: dict[str, str]) -> dict[str, list[str]]:
+    """answer -> the other answers whose question (an abstract) is nearest its own, best first (word
+    TF-IDF cosine, English stop words and COMMON_WORDS out, ties by text); near copies of the
+    question (the same study twice: its title fits too) and questions sharing no word left out.
+    {} without words."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    answers = sorted(questions)
+    try:
+        vectorizer = TfidfVectorizer(
+            sublinear_tf=True, stop_words="english", max_df=COMMON_WORDS, dtype=np.float64
+        )
+        x = vectorizer.fit_transform([questions[a] for a in answers])
+    except ValueError:  # an empty vocabulary
+        return {}
+    out: dict[str, list[str]] = {}
+    for start in range(0, len(answers), 512):
+        sims = np.round((x[start : start + 512] @ x.T).toarray(), 6)  # rounded: the same order everywhere
+        for row, sim in enumerate(sims):
+            i = start + row
+            sim[i] = 0.0
+            sim[sim >= NEAR_DUPLICATE] = 0.0
+            order = np.lexsort((np.arange(len(answers)), -sim))[:NEIGHBOURS]
+            out[answers[i]] = [answers[j] for j in order if sim[j] > 0]
+    return out
+
+
+def _distractors(pool: Sequence[str], near: Sequence[str], rng: random.Random) -> list[str]:
+    """The three wrong options: from `near` (the answer's neighbours) where it has them, then from
+    the rest of `pool` (sorted, without the answer) at random."""
+    picked = rng.sample(list(near), min(len(near), N_OPTIONS - 1))
+    rest = sorted(set(pool) - set(picked))
+    return picked + rng.sample(rest, N_OPTIONS - 1 - len(picked))
+
+
+def build_choices(
+    source: str, docs: Sequence[SplitDoc], limit: int | None = None, distractors: str = "random"
+) -> list[Choice]:
     """Multiple-choice items: each key's answer and three distractors, the answers of the same kind
-    of other documents in `docs` (so: the same split and domain)."""
+    of other documents in `docs` (so: the same split and domain); `distractors` (DISTRACTORS):
+    `similar` draws them from the answer's nearest answers for SIMILAR_KINDS, `random` from all."""
+    if distractors not in DISTRACTORS:
+        raise DataError(f"unknown distractors {distractors!r}; choose one of {list(DISTRACTORS)}")
     builder = builder_for(source)
     keys = [(doc.doc_id, key) for doc in docs for key in builder(doc)[1]]
     seen: dict[tuple[str, str], set[str]] = {}
@@ -154,15 +208,21 @@ def build_choices(source: str, docs: Sequence[SplitDoc], limit: int | None = Non
         seen.setdefault((kind, question), set()).add(answer)
     keys = [(d, k) for d, k in keys if len(seen[k[:2]]) == 1]  # one question, two answers: ambiguous
     answers: dict[str, dict[str, str]] = {}  # kind -> answer -> first document giving it
-    for doc_id, (kind, _, answer) in keys:
+    asked: dict[str, dict[str, str]] = {}  # kind -> answer -> the question of that first key
+    for doc_id, (kind, question, answer) in keys:
         answers.setdefault(kind, {}).setdefault(answer, doc_id)
+        asked.setdefault(kind, {}).setdefault(answer, question)
+    near = {
+        kind: _neighbours(asked[kind]) if distractors == "similar" and kind in SIMILAR_KINDS else {}
+        for kind in answers
+    }
     items = []
     for doc_id, (kind, question, answer) in keys:
         pool = sorted(a for a in answers[kind] if a != answer)
         if len(pool) < N_OPTIONS - 1:
             continue
         rng = random.Random(stable_seed("choice", kind, doc_id, question))
-        options = [answer, *rng.sample(pool, N_OPTIONS - 1)]
+        options = [answer, *_distractors(pool, near[kind].get(answer, []), rng)]
         rng.shuffle(options)
         items.append(
             Choice(

@@ -89,6 +89,46 @@ def test_choices_have_four_distinct_options_and_the_key_is_the_documents_own_ans
     check_choices(items, "pubmed", docs)
 
 
+def _two_topic_docs() -> list[SplitDoc]:
+    """Six asthma and six malaria studies (their abstracts share words only within a topic) and a
+    near copy of one study."""
+    titles = [
+        *(
+            f"Asthma airway {w} trial."
+            for w in ("steroid", "inhaler", "allergen", "exercise", "obesity", "smoking")
+        ),
+        *(
+            f"Malaria parasite {w} survey."
+            for w in ("mosquito", "bednet", "vaccine", "fever", "anaemia", "travel")
+        ),
+        "Asthma airway steroid trial",  # the first title again, but for its full stop
+    ]
+    return [
+        SplitDoc(f"pmid:{i}", t, (f"{t}\n\n{t.lower()}",), {})  # an abstract of the title's words
+        for i, t in enumerate(titles)
+    ]
+
+
+def test_similar_distractors_are_the_answers_neighbours_and_random_ones_are_not():
+    docs = _two_topic_docs()
+    topic = {d.title: d.title.split()[0] for d in docs}
+    near = build_choices("pubmed", docs, distractors="similar")
+    far = build_choices("pubmed", docs, distractors="random")
+    assert [i.doc_id for i in near] == [i.doc_id for i in far]
+    for item in near:
+        answer = item.options[item.answer]
+        wrong = [o for o in item.options if o != answer]
+        assert {topic[o] for o in wrong} == {topic[answer]}  # all three on the answer's subject
+        copies = {"Asthma airway steroid trial.", "Asthma airway steroid trial"}
+        if answer in copies:
+            assert not copies & set(wrong)  # the answer's near copy is no wrong option
+    check_choices(near, "pubmed", docs)
+    mixed = [i for i in far if len({topic[o] for o in i.options}) > 1]
+    assert len(mixed) > len(far) // 2  # at random most items mix the two subjects
+    with pytest.raises(DataError, match="unknown distractors"):
+        build_choices("pubmed", docs, distractors="nearest")
+
+
 def test_a_wrong_answer_key_fails_the_check():
     docs = _pubmed_docs()
     item = build_choices("pubmed", docs)[0]
