@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,10 @@ def requests(pool: ExpertPool, rows: int) -> list[GenerationRequest]:
     return out
 
 
-def throughput(pool: ExpertPool, rounds: int) -> dict[str, Any]:
-    batches = {b: requests(pool, b) for b in BATCHES}
+def throughput(pool: ExpertPool, rounds: int, sizes: Sequence[int] = BATCHES) -> dict[str, Any]:
+    """tok/s of `generate` at each batch size (`generate` returns text: the device has finished),
+    medians over rounds, the sizes alternating within each."""
+    batches = {b: requests(pool, b) for b in sizes}
     generate(pool, batches[1])  # warm-up (the decoder is built on first use)
     samples: dict[int, list[float]] = defaultdict(list)
     for _ in range(rounds):

@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_bench import NEW_TOKENS, requests, roofline  # noqa: E402
+from decode_bench import requests, roofline, throughput  # noqa: E402
 
 from experts.adapters import ExpertPool  # noqa: E402
 from experts.config import compose  # noqa: E402
@@ -74,11 +74,6 @@ def read_gb_s(device: str) -> float:
     del x
     torch.cuda.empty_cache()
     return round(size / statistics.median(times[1:]) / 1e9, 1)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def check_requests(pool: ExpertPool) -> list[GenerationRequest]:
@@ -128,25 +123,6 @@ def peft_reference(pool: ExpertPool, reqs: list[GenerationRequest]) -> list[str]
             )
         out.append(pool.tokenizer.decode(got[0, ids.shape[1] :], skip_special_tokens=True))
     return out
-
-
-def speed(pool: ExpertPool, batches: list[int], rounds: int) -> dict[str, Any]:
-    """tok/s of `generate` at each batch size, medians over rounds (the sizes alternate)."""
-    reqs = {b: requests(pool, b) for b in batches}
-    for b in batches:
-        generate(pool, reqs[b])  # warm-up: the decoder and CUDA's kernels for each shape
-    samples: dict[int, list[float]] = {b: [] for b in batches}
-    for _ in range(rounds):
-        for b in batches:
-            sync(pool.device)
-            t0 = time.perf_counter()
-            generate(pool, reqs[b])
-            sync(pool.device)
-            samples[b].append(b * NEW_TOKENS / (time.perf_counter() - t0))
-    return {
-        str(b): {"tok_s": round(statistics.median(s), 1), "samples": [round(x, 1) for x in s]}
-        for b, s in samples.items()
-    }
 
 
 def main() -> None:
@@ -214,7 +190,9 @@ def main() -> None:
     result["mixed_batch_vs_alone"] = agreement(texts(pool, reqs), alone)
     print(f"mixed batch vs alone ({result['dtype']}): {result['mixed_batch_vs_alone']}", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
-    result["throughput"] = speed(pool, batches, args.rounds)
+    for b in batches:
+        generate(pool, requests(pool, b))  # warm-up: CUDA's kernels for each shape
+    result["throughput"] = throughput(pool, args.rounds, batches)
     if dev == "cuda":
         result["gpu_memory_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     for b, r in result["throughput"].items():

@@ -9,8 +9,8 @@ Each corpus kind (its `data.source`) has one builder that turns a document of a 
   - multiple-choice keys (question, the document's own answer): which title fits this abstract,
     which page a description belongs to, which licence a clause comes from, which president gave
     a passage, which book a passage is from. Distractors are the answers of other documents of the
-    SAME split and domain, so eval items built from the test split never see a train document; for
-    a free-text answer (a title) the nearest such answers, so the item is not a topic guess.
+    SAME split and domain, so eval items built from the test split never see a train document; with
+    `train.task_distractors=similar`, for a free-text answer (a title) the nearest such answers.
 
 `moe data` writes the train split's tasks beside the corpus (`instructions.jsonl`, counts in
 card.json); `moe eval` builds its items from the test split the same way. Choices are made with
@@ -39,9 +39,8 @@ DISTRACTORS = ("similar", "random")  # how the three are picked: the values of t
 # Kinds whose answer is free text (a study's title, a document's title): `similar` draws their
 # distractors from the titles of the documents whose question text (the abstract) is nearest (word
 # TF-IDF cosine), so "which title fits this abstract" asks which of four studies on the same subject
-# it is, not which of four subjects. Names
-# (a licence, a president, a command) keep random distractors: their neighbours are often right too
-# (GPL-2.0 and GPL-3.0 share clauses).
+# it is, not which of four subjects. Names (a licence, a president, a command) keep random
+# distractors: their neighbours are often right too (GPL-2.0 and GPL-3.0 share clauses).
 SIMILAR_KINDS = frozenset({"title", "document"})
 NEIGHBOURS = 8  # `similar`: the distractors are drawn from this many nearest answers
 NEAR_DUPLICATE = 0.9  # ...leaving out any whose question is this close (cosine): the same study again
@@ -189,7 +188,7 @@ def _distractors(pool: Sequence[str], near: Sequence[str], rng: random.Random) -
     """The three wrong options: from `near` (the answer's neighbours) where it has them, then from
     the rest of `pool` (sorted, without the answer) at random."""
     picked = rng.sample(list(near), min(len(near), N_OPTIONS - 1))
-    rest = sorted(set(pool) - set(picked))
+    rest = [a for a in pool if a not in picked]
     return picked + rng.sample(rest, N_OPTIONS - 1 - len(picked))
 
 
