@@ -21,14 +21,7 @@ from experts.config import compose
 from experts.hardware import machine_report
 from router.encoder import EmbeddingCache, load_encoder
 from router.features import CombinedFeatures
-from router.metrics import (
-    TEST_WINDOWS_PER_SIZE,
-    TEST_WORDS,
-    load_natural_questions,
-    natural_question_metrics,
-    test_windows,
-    window_metrics,
-)
+from router.metrics import bench_scores, bench_sets
 from router.model import routable_labels
 from router.pipelines import build_features
 from router.train import fit_router, router_examples
@@ -40,8 +33,7 @@ def main(settings: list[list[str]]) -> list[dict]:
     started = time.perf_counter()
     app = compose(["router=combined"])
     labels = routable_labels(app)
-    questions = load_natural_questions()
-    tests = {w: test_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
+    sets = bench_sets(app, labels)
     cached = EmbeddingCache(load_encoder(app.router.encoder_package, app.paths.downloads_dir))
     torch.set_num_threads(2)
     default_weight = CombinedFeatures.EMBED_WEIGHT
@@ -60,14 +52,10 @@ def main(settings: list[list[str]]) -> list[dict]:
         features.frozen_embed().encoder = cached
         t0 = time.perf_counter()
         router, _ = fit_router(labels, train, validation, spec, features)
-        natural = natural_question_metrics(router, questions)
         row = {
             "overrides": overrides,
             "train_examples": len(train),
-            "accuracy": {w: round(window_metrics(router, ex)["accuracy"], 4) for w, ex in tests.items()},
-            "questions_right": natural["in_domain_accuracy"],
-            "in_domain_fallback": natural["in_domain_fallback_rate"],
-            "off_topic_fallback": natural["off_topic_fallback_rate"],
+            **bench_scores(router, sets),
             "fit_seconds": round(time.perf_counter() - t0, 1),
             "elapsed_seconds": round(time.perf_counter() - started, 1),
         }

@@ -25,13 +25,12 @@ from experts.config import FineTuneSpec, PackageRef
 from experts.errors import ArtifactError
 from router.calibration import log_softmax
 from router.encoder import ENCODER_MAX_TOKENS, SentenceEncoder, default_downloads, encoder_dir, encoder_dtype
-from router.features import Features, Head, HeadData, TfidfFeatures, needs_encoder
+from router.features import Features, Head, HeadData, TfidfFeatures, choose_mix, needs_encoder
 
 log = logging.getLogger(__name__)
 
 COSINE_SCALE = 20.0  # logits = scale * cos(embedding, class direction) + bias
 SORT_CHUNK_BATCHES = 50  # batches are cut from length-sorted chunks of this many batches (less padding)
-MIX_GRID = np.round(np.arange(0.0, 1.01, 0.1), 2)  # weights of the tuned encoder tried on validation
 
 
 @dataclass
@@ -145,18 +144,6 @@ def fine_tune(
         seconds=round(seconds, 1),
         device=device,
     )
-
-
-def choose_mix(xv: np.ndarray, yv: np.ndarray, experts: int, classes: int) -> float:
-    """Weight of the tuned encoder's log-posterior against TF-IDF's with the best in-domain
-    validation accuracy (ties: the value nearest 0.5)."""
-    inside = yv < experts
-    lexical, semantic = xv[:, :classes], xv[:, classes:]
-    scores = []
-    for mix in MIX_GRID:
-        top = ((1 - mix) * lexical + mix * semantic)[inside, :experts].argmax(1)
-        scores.append((float((top == yv[inside]).mean()), -abs(mix - 0.5), float(mix)))
-    return max(scores)[2]
 
 
 class TunedFeatures(Features):

@@ -62,6 +62,24 @@ def window_metrics(router: Router, examples: Examples) -> dict[str, Any]:
     }
 
 
+def bench_sets(app: AppConfig, labels: Sequence[str]) -> tuple[dict[int, Examples], dict[str, list[str]]]:
+    """What the router benches score every router on: test windows of each TEST_WORDS size, the questions."""
+    tests = {w: test_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
+    return tests, load_natural_questions()
+
+
+def bench_scores(router: Router, sets: tuple[dict[int, Examples], dict[str, list[str]]]) -> dict[str, Any]:
+    """One bench row's scores: top-1 accuracy per window size, the questions under the fallback policy."""
+    tests, questions = sets
+    natural = natural_question_metrics(router, questions)
+    return {
+        "accuracy": {w: round(window_metrics(router, ex)["accuracy"], 4) for w, ex in tests.items()},
+        "questions_right": natural["in_domain_accuracy"],
+        "in_domain_fallback": natural["in_domain_fallback_rate"],
+        "off_topic_fallback": natural["off_topic_fallback_rate"],
+    }
+
+
 def natural_question_metrics(router: Router, questions: dict[str, list[str]]) -> dict[str, Any]:
     """In-domain: share routed to the right expert (fallback counts as a miss), top-1 accuracy,
     share that fell back. Off-topic: share that fell back. Uses the `fallback` policy."""

@@ -15,13 +15,14 @@ import numpy as np
 
 from experts.config import PackageRef
 from experts.errors import ArtifactError, ConfigError
-from router.features import CombinedFeatures, EmbedFeatures, Features, TfidfFeatures
+from router.features import CombinedFeatures, EmbedFeatures, FastFeatures, Features, TfidfFeatures
 from router.finetune import TunedFeatures
 
 PIPELINES: dict[str, type[Features]] = {
     "tfidf": TfidfFeatures,  # word + character n-gram TF-IDF (the default)
     "embed": EmbedFeatures,  # frozen MiniLM sentence embeddings
     "combined": CombinedFeatures,  # both, in one sparse matrix
+    "fast": FastFeatures,  # both: naive Bayes over many windows' n-grams + embeddings of a few (the demo's)
     "tuned": TunedFeatures,  # MiniLM fine-tuned on the routing task, mixed with TF-IDF
 }
 

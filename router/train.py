@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
 from experts.config import AppConfig, RouterSpec
@@ -27,7 +26,7 @@ from experts.errors import ConfigError
 from router.calibration import choose_threshold, expected_calibration_error, fit_temperature, softmax
 from router.data import Examples, background_examples, expert_examples, feedback_examples, feedback_path
 from router.encoder import EmbeddingCache, SentenceEncoder, embedding_cache_file
-from router.features import Features, Head, HeadData
+from router.features import Features, HeadData
 from router.model import BACKGROUND, Router, routable_labels, router_dir
 from router.pipelines import build_features
 
@@ -56,16 +55,6 @@ def _prototype_rows(labels: Sequence[str], keep: Sequence[str], seed: int) -> np
         idx = np.flatnonzero(labels_arr == label)
         rows.append(rng.choice(idx, size=min(PROTOTYPES_PER_CLASS, len(idx)), replace=False))
     return np.sort(np.concatenate(rows))
-
-
-def _logistic(x: Any, y: np.ndarray, weights: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression (balanced classes): coef [classes, features], intercept."""
-    clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
-    clf.fit(x, y, sample_weight=weights)
-    coef, intercept = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:  # binary: one score z; softmax over (-z/2, z/2) gives sigmoid(z)
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
-    return coef, intercept
 
 
 def purify_background(x: Any, targets: np.ndarray, background: int, extra: float = 0.0) -> np.ndarray:
@@ -134,13 +123,10 @@ def fit_router(
     )
     rows = np.flatnonzero(fit_rows)
     yv = _targets(classes, validation.labels)
-    coef, intercept = _logistic(x[fit_rows], y[fit_rows], weights[fit_rows], spec.c)
-    head = features.fit_head(
-        Head(coef, intercept),
-        HeadData(
-            [train.texts[i] for i in rows], y[rows], weights[rows], validation.texts, yv, len(labels), spec
-        ),
+    data = HeadData(
+        [train.texts[i] for i in rows], y[rows], weights[rows], validation.texts, yv, len(labels), spec
     )
+    head = features.fit_head(features.classifier(x[fit_rows], y[fit_rows], weights[fit_rows], spec), data)
     stage()
     router = Router(
         labels,
@@ -167,8 +153,15 @@ def fit_router(
     words = np.array([len(t.split()) for t in validation.texts])
     similarity = np.ones(len(yv), dtype=np.float32)
     if distance and embv is not None:
-        rows = _prototype_rows(train.labels, labels, spec.seed)
-        router.prototypes = emb[rows] if emb is not None else features.embed([train.texts[i] for i in rows])
+        if emb is not None:
+            router.prototypes = emb[_prototype_rows(train.labels, labels, spec.seed)]
+        elif head.embedded is not None:  # the training rows the pipeline embedded itself
+            embedded, vectors = head.embedded
+            picked = _prototype_rows([classes[t] for t in data.targets[embedded]], labels, spec.seed)
+            router.prototypes = vectors[picked]
+        else:
+            rows = _prototype_rows(train.labels, labels, spec.seed)
+            router.prototypes = features.embed([train.texts[i] for i in rows])
         similarity = router.nearest_similarity(embv)
         ref = in_domain & (words >= SIMILARITY_MIN_WORDS)
         if ref.any():
@@ -230,7 +223,8 @@ def router_examples(app: AppConfig, labels: Sequence[str]) -> tuple[Examples, Ex
     """Train and validation examples of every routable expert (+ background when configured)."""
     spec = app.router
     budget = spec.max_windows_per_expert
-    val_budget = max(50, int(budget * VALIDATION_SHARE))
+    # validation windows are embedded in full: sized by what the encoder sees of training
+    val_budget = max(50, int(min(budget, spec.embed_windows_per_expert or budget) * VALIDATION_SHARE))
     train = expert_examples(app, labels, "train", budget)
     validation = expert_examples(app, labels, "validation", val_budget)
     if spec.background:

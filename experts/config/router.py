@@ -70,6 +70,10 @@ class RouterSpec:
     background_purify: float = 0.25
     encoder_package: PackageRef | None = MINILM_PACKAGE  # embed/combined/tuned; tfidf needs none
     c: float = 4.0  # inverse regularisation of the logistic regression
+    # Pipeline `fast`: training windows per class its frozen-encoder classifier embeds (None: all; the
+    # naive Bayes over TF-IDF reads every window); validation windows are a quarter of it too.
+    embed_windows_per_expert: int | None = None
+    bayes_alpha: float = 0.01  # pipeline `fast`: additive smoothing of its naive Bayes
     finetune: FineTuneSpec = field(default_factory=FineTuneSpec)  # pipeline `tuned` only
     # Train on reviewed misroutes (`moe feedback export` -> artifacts/feedback/router.jsonl).
     include_feedback: bool = False
@@ -82,3 +86,8 @@ class RouterSpec:
         check(self.mixture_top_k >= 1, f"router.mixture_top_k {self.mixture_top_k} must be >= 1")
         check(0 <= self.mixture_min_prob < 1, "router.mixture_min_prob must lie in [0, 1)")
         check(0 <= self.background_purify < 1, "router.background_purify must lie in [0, 1)")
+        check(self.bayes_alpha > 0, f"router.bayes_alpha {self.bayes_alpha} must be > 0")
+        check(
+            self.embed_windows_per_expert is None or self.embed_windows_per_expert >= 1,
+            f"router.embed_windows_per_expert {self.embed_windows_per_expert} must be >= 1 (or null: all)",
+        )

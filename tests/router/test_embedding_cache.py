@@ -65,7 +65,7 @@ def test_cache_file_is_named_by_the_encoder(encoder, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("pipeline", ["tfidf", "tuned", "embed", "combined"])
+@pytest.mark.parametrize("pipeline", ["tfidf", "tuned", "embed", "combined", "fast"])
 def test_training_caches_only_a_frozen_encoder(pipeline, tmp_path):
     app = compose(["router=combined", f"paths.artifacts={tmp_path}"])
     features = build_features(pipeline, app.router.encoder_package, app.paths.downloads_dir)

@@ -96,7 +96,7 @@ def test_missing_feedback_file_warns_and_trains_without(tmp_path, caplog):
     assert "moe feedback export" in caplog.text
 
 
-@pytest.mark.parametrize("option", ["tfidf", "embed", "combined", "tuned"])
+@pytest.mark.parametrize("option", ["tfidf", "embed", "combined", "fast", "tuned"])
 def test_every_router_file_sets_feedback_keys(option):
     """Users switch feedback on without Hydra's `+`: the dataclass defaults (moe_defaults) give every
     router option the keys."""

@@ -16,7 +16,14 @@ import pytest
 
 from experts.config import compose
 from experts.data import build_corpus
-from router.metrics import load_natural_questions, natural_question_metrics, routing_report
+from router.metrics import (
+    bench_scores,
+    load_natural_questions,
+    natural_question_metrics,
+    routing_report,
+    test_windows,
+    window_metrics,
+)
 from router.model import load_router, routable_labels
 from router.train import train_router
 
@@ -81,6 +88,26 @@ def test_natural_questions_route_to_their_expert(trained):
     assert result["in_domain_accuracy"] >= 0.6, result["misses"]
     assert result["off_topic_fallback_rate"] >= 0.4, result["off_topic_routed"]
     assert result["in_domain_fallback_rate"] <= 0.35
+
+
+def test_bench_scores_are_the_window_and_question_metrics(trained):
+    """The benches' row (benchmarks/router_*_bench.py) reads each size's accuracy and the questions'
+    rates under the fallback policy, keyed as the benchmark tables print them."""
+    app, router, _ = trained
+    questions = load_natural_questions()
+    tests = {w: test_windows(app, router.labels, w, 30) for w in (8, 64)}
+    row = bench_scores(router, (tests, questions))
+    natural = natural_question_metrics(router, questions)
+    assert set(row["accuracy"]) == {8, 64}
+    for words, examples in tests.items():
+        assert len(examples.texts) == 30 * len(router.labels)
+        assert row["accuracy"][words] == round(window_metrics(router, examples)["accuracy"], 4)
+    assert row["accuracy"][64] > row["accuracy"][8] - 0.05  # longer windows are not routed worse
+    assert (row["questions_right"], row["in_domain_fallback"], row["off_topic_fallback"]) == (
+        natural["in_domain_accuracy"],
+        natural["in_domain_fallback_rate"],
+        natural["off_topic_fallback_rate"],
+    )
 
 
 def test_routing_report_writes_numbers_and_plots(trained, tmp_path):
