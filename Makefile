@@ -67,9 +67,9 @@ system-deps:
 			echo "installing Debian packages:$$missing"; apt-get update -qq && apt-get install -y -qq $$missing; \
 		else echo "error: missing system packages:$$missing (apt-get install$$missing)"; exit 1; fi; fi
 
-# The demo trains the fast `combined` router; the default `tuned` one takes several times longer
-# and routes short windows better (docs/benchmarks.md#router): `make demo DEMO_ARGS=` uses it (any Hydra overrides go there).
-DEMO_ARGS ?= router=combined
+# The demo trains the `fast` router (a few minutes on any x86 CPU); the default `tuned` one takes several
+# times longer (docs/benchmarks.md#router): `make demo DEMO_ARGS=` uses it (any Hydra overrides go there).
+DEMO_ARGS ?= router=fast
 demo: install
 	$(BIN)/moe demo $(DEMO_ARGS)
 

@@ -84,7 +84,7 @@ COMMANDS: dict[str, Command] = {
     "add-expert": Command(
         "serving.manage:add_expert_command",
         "Add an expert from its one YAML file: corpus, adapter, router, live endpoint update.",
-        "moe add-expert <slug> [--force] [train=quick] [router=combined]",
+        "moe add-expert <slug> [--force] [train=quick] [router=fast]",
         "Write conf/expert/<slug>.yaml first (see README 'Add your own expert').",
         positional=True,
     ),

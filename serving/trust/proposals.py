@@ -409,7 +409,7 @@ def propose_experts_command(app: AppConfig, ctx: Any) -> dict[str, Any]:
     if app.router.encoder_package is None:
         raise ConfigError(
             f"router={app.router.pipeline} has no sentence encoder (router.encoder_package); "
-            "run with router=combined, embed or tuned"
+            "run with router=fast, combined, embed or tuned"
         )
     started = time.perf_counter()
     encoder = load_encoder(app.router.encoder_package, app.paths.downloads_dir)
