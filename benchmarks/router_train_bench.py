@@ -3,8 +3,9 @@ the same test windows and hand-written questions: what the demo's router costs a
 
     .venv/bin/python benchmarks/router_train_bench.py [--avx2] router=fast router=combined [key=value ...]
 
-Each `router=<name>` argument is one router config trained in turn (into a scratch folder under
-artifacts/bench/, the corpora read from paths.artifacts); other overrides apply to all. Scores:
+Each `router=<name>` argument is one router config trained in turn, into a scratch folder under
+artifacts/bench/ (the corpora read from paths.artifacts); quoted, it may carry its own overrides
+("router=fast router.embed_windows_per_expert=1000"); other overrides apply to all. Scores:
 top-1 accuracy on 500 TEST windows per expert of 8/16/32/64 words, and the in-domain / off-topic
 questions of tests/fixtures/natural_questions.yaml under the fallback policy. `train_seconds` is
 `moe train-router`'s own (windows, embedding, fitting, calibration). `--avx2` reruns the script as
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> list[dict]:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         (scratch / "data").symlink_to((app.paths.artifacts_dir / "data").resolve())  # the corpora, read only
-        router, metrics = train_router(compose([name, *shared, f"paths.artifacts={scratch}"]))
+        router, metrics = train_router(compose([*name.split(), *shared, f"paths.artifacts={scratch}"]))
         row = {
             "router": name,
             "pipeline": router.pipeline,
