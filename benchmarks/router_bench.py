@@ -33,7 +33,7 @@ from router.metrics import (
     latency,
     load_natural_questions,
     natural_question_metrics,
-    test_windows,
+    held_out_windows,
     window_metrics,
 )
 from router.model import BACKGROUND, routable_labels
@@ -124,7 +124,7 @@ def main(overrides: list[str]) -> dict:
     questions = load_natural_questions()
     started = time.perf_counter()
     train, validation = router_examples(app, labels)
-    tests = {w: test_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
+    tests = {w: held_out_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
     print(
         f"examples: train {len(train)}, validation {len(validation)}, test {sum(map(len, tests.values()))} "
         f"({time.perf_counter() - started:.0f}s)",

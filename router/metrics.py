@@ -35,7 +35,7 @@ def load_natural_questions(path: Path | None = None) -> dict[str, list[str]]:
     return {str(k): [str(q) for q in v] for k, v in data.items()}
 
 
-def test_windows(app: AppConfig, labels: Sequence[str], words: int, per_expert: int) -> Examples:
+def held_out_windows(app: AppConfig, labels: Sequence[str], words: int, per_expert: int) -> Examples:
     """Windows of exactly `words` words from every expert's held-out TEST split."""
     return expert_examples(app, labels, "test", per_expert, sizes=(words,))
 
@@ -64,7 +64,7 @@ def window_metrics(router: Router, examples: Examples) -> dict[str, Any]:
 
 def bench_sets(app: AppConfig, labels: Sequence[str]) -> tuple[dict[int, Examples], dict[str, list[str]]]:
     """What the router benches score every router on: test windows of each TEST_WORDS size, the questions."""
-    tests = {w: test_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
+    tests = {w: held_out_windows(app, labels, w, TEST_WINDOWS_PER_SIZE) for w in TEST_WORDS}
     return tests, load_natural_questions()
 
 
@@ -221,7 +221,7 @@ def routing_report(
     routing.json, routing_confusion.png and routing_coverage.png into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    by_size = {str(w): window_metrics(router, test_windows(app, router.labels, w, per_size)) for w in words}
+    by_size = {str(w): window_metrics(router, held_out_windows(app, router.labels, w, per_size)) for w in words}
     questions = load_natural_questions() if questions is None else questions
     natural = natural_question_metrics(router, questions)
     all_questions = [q for qs in questions.values() for q in qs]

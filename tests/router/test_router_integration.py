@@ -21,7 +21,7 @@ from router.metrics import (
     load_natural_questions,
     natural_question_metrics,
     routing_report,
-    test_windows,
+    held_out_windows,
     window_metrics,
 )
 from router.model import load_router, routable_labels
@@ -95,7 +95,7 @@ def test_bench_scores_are_the_window_and_question_metrics(trained):
     rates under the fallback policy, keyed as the benchmark tables print them."""
     app, router, _ = trained
     questions = load_natural_questions()
-    tests = {w: test_windows(app, router.labels, w, 30) for w in (8, 64)}
+    tests = {w: held_out_windows(app, router.labels, w, 30) for w in (8, 64)}
     row = bench_scores(router, (tests, questions))
     natural = natural_question_metrics(router, questions)
     assert set(row["accuracy"]) == {8, 64}
