@@ -30,10 +30,10 @@ from router.metrics import (
     OFF_TOPIC,
     TEST_WINDOWS_PER_SIZE,
     TEST_WORDS,
+    held_out_windows,
     latency,
     load_natural_questions,
     natural_question_metrics,
-    held_out_windows,
     window_metrics,
 )
 from router.model import BACKGROUND, routable_labels

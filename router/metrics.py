@@ -221,7 +221,9 @@ def routing_report(
     routing.json, routing_confusion.png and routing_coverage.png into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    by_size = {str(w): window_metrics(router, held_out_windows(app, router.labels, w, per_size)) for w in words}
+    by_size = {
+        str(w): window_metrics(router, held_out_windows(app, router.labels, w, per_size)) for w in words
+    }
     questions = load_natural_questions() if questions is None else questions
     natural = natural_question_metrics(router, questions)
     all_questions = [q for qs in questions.values() for q in qs]

@@ -18,10 +18,10 @@ from experts.config import compose
 from experts.data import build_corpus
 from router.metrics import (
     bench_scores,
+    held_out_windows,
     load_natural_questions,
     natural_question_metrics,
     routing_report,
-    held_out_windows,
     window_metrics,
 )
 from router.model import load_router, routable_labels
